@@ -1,0 +1,1 @@
+"""Reward functions with TRL's signature: f(prompts, completions, **columns) -> list[float | None]."""

@@ -1,0 +1,25 @@
+"""Getting the text out of a completion and the answer out of the text."""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def completion_text(completion) -> str:
+    """Plain text of a completion, whether a string or TRL's conversational [{"role", "content"}] form."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"] if completion else ""
+
+
+def last_number(text: str) -> str | None:
+    """The last number in the text, thousands separators removed ("1,000" is 1000, not 0)."""
+    tagged = _ANSWER_TAG.findall(text)
+    matches = _NUMBER.findall(tagged[-1] if tagged else text)
+    if not matches:
+        return None
+    number = matches[-1].replace(",", "").rstrip(".")
+    return number[:-2] if number.endswith(".0") else number

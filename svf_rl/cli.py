@@ -1,0 +1,51 @@
+"""Command line: svf-rl train | export | inspect | tasks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="svf-rl", description="Train SVF expert vectors with REINFORCE + KL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train an expert (no arguments: the embedded CPU default)")
+    train.add_argument("--config", help="YAML file of TrainConfig keys")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. lr=1e-3")
+    export = commands.add_parser("export", help="write the expert file of a checkpoint")
+    export.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
+    export.add_argument("output", help="expert file to write (.safetensors)")
+    inspect = commands.add_parser("inspect", help="summarise an expert file")
+    inspect.add_argument("file")
+    commands.add_parser("tasks", help="list registered tasks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from .config import ConfigError, load_config
+    from .expert import ExpertError
+
+    try:
+        if args.command == "train":
+            from .train import train as run_training
+
+            run_training(load_config(args.config, args.overrides))
+        elif args.command == "export":
+            from .export import export_checkpoint
+
+            print(f"expert written to {export_checkpoint(args.checkpoint, args.output)}")
+        elif args.command == "inspect":
+            from .expert import describe_expert, load_expert
+
+            print(describe_expert(load_expert(args.file)))
+        elif args.command == "tasks":
+            from .task import available_tasks
+
+            for name, target in sorted(available_tasks().items()):
+                print(f"{name:24s} {target}")
+    except (ConfigError, ExpertError, FileNotFoundError, ValueError) as err:
+        print(f"svf-rl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

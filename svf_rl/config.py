@@ -1,0 +1,147 @@
+"""Training configuration: one dataclass, loadable from YAML and overridable with key=value."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .base_model import EMBEDDED_MODEL
+
+
+@dataclass
+class TrainConfig:
+    # Base model and SVF
+    model: str = EMBEDDED_MODEL  # HF id or directory; the default is SmolLM2-135M-Instruct, shipped offline
+    targets: str = "mlp"  # mlp | attn | all | a regex over module names
+    forward_strategy: str = "auto"  # auto | compose | factored
+    # Task
+    task: str = "arithmetic"  # a registered task name, module:Name or path/to/file.py:Name
+    task_args: dict = field(default_factory=dict)
+    reward_weights: list = field(default_factory=list)  # one per reward function; empty = the task's own
+    train_size: int = 5000  # training problems drawn from the task
+    # Rollouts
+    engine: str = "hf"
+    prompts_per_step: int = 16
+    generations_per_prompt: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Objective
+    baseline: str = "rloo"  # none | mean | rloo | grpo
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"  # k1 | k3 | full
+    loss_aggregation: str = "token_mean"  # token_mean | sequence_mean | sequence_sum
+    # Optimisation
+    steps: int = 40
+    lr: float = 2e-3
+    lr_schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1e-3
+    micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
+    # Evaluation
+    eval_every: int = 10
+    eval_size: int = 100  # validation problems scored every eval_every steps to keep the best expert
+    test_size: int = 200  # test problems scored for the base model and the final expert
+    eval_batch_size: int = 100
+    # Run
+    output_dir: str = "runs/default"
+    save_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in output_dir, if any
+    max_bad_steps: int = 5  # consecutive non-finite losses tolerated (each is skipped) before stopping
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = one per available core
+    log_with: list = field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
+CHOICES = {
+    "forward_strategy": ("auto", "compose", "factored"),
+    "engine": ("hf",),
+    "baseline": ("none", "mean", "rloo", "grpo"),
+    "kl_estimator": ("k1", "k3", "full"),
+    "loss_aggregation": ("token_mean", "sequence_mean", "sequence_sum"),
+    "lr_schedule": ("constant", "linear", "cosine"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what would be right."""
+
+
+def _check_type(name: str, value, annotation: str):
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[annotation]
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-3 (no dot) as a string
+        except ValueError:
+            pass
+    if kind is list and isinstance(value, (str, int, float)):
+        return [value]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {name!r} must be {annotation}, got {value!r}")
+    return value
+
+
+def make_config(values: dict) -> TrainConfig:
+    """Build a TrainConfig from a flat dict, rejecting unknown keys, wrong types and unknown choices."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = {name: typing.get_type_hints(TrainConfig)[name].__name__ for name in fields}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+    checked = {key: _check_type(key, value, hints[key]) for key, value in values.items()}
+    for key, allowed in CHOICES.items():
+        if key in checked and checked[key] not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {allowed}, got {checked[key]!r}")
+    config = TrainConfig(**checked)
+    positive = ("prompts_per_step", "generations_per_prompt", "max_new_tokens", "steps", "micro_batch_size",
+                "eval_size", "test_size", "eval_batch_size", "save_every", "train_size")
+    for key in positive:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"config key {key!r} must be at least 1, got {getattr(config, key)}")
+    if config.baseline == "rloo" and config.generations_per_prompt < 2:
+        raise ConfigError("baseline 'rloo' needs generations_per_prompt >= 2")
+    return config
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    return key.strip().lstrip("-").replace("-", "_"), yaml.safe_load(raw) if raw else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (optional) first, then key=value overrides; the result is validated as a whole."""
+    values: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        values.update(loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        if "." in key:  # task_args.size=500 sets one entry of a dict-valued key
+            head, _, sub = key.partition(".")
+            values.setdefault(head, {})
+            if not isinstance(values[head], dict):
+                raise ConfigError(f"config key {head!r} is not a mapping, so {key!r} cannot be set")
+            values[head] = {**values[head], sub: value}
+        else:
+            values[key] = value
+    return make_config(values)
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

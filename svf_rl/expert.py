@@ -1,0 +1,136 @@
+"""Expert vector files (format v1): the only place that knows how they are written and read.
+
+A safetensors file whose keys are module names and whose values are z in fp32; string metadata
+carries the format version, base model and fingerprint, targets, parametrisation, task, training
+config, eval scores and the svf-rl version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+
+FORMAT = "svf-expert"
+FORMAT_VERSION = "1"
+PARAMETRISATION = "singular-value-scale"  # W' = U diag(s ⊙ z) Vᵀ
+
+
+class ExpertError(ValueError):
+    """An expert file that cannot be used as asked; the message says why in one line."""
+
+
+@dataclass
+class Expert:
+    vectors: dict[str, torch.Tensor]
+    base_model: str
+    base_fingerprint: str
+    targets: str
+    task: str = ""
+    config: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    parametrisation: str = PARAMETRISATION
+    svf_rl_version: str = __version__
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "targets": self.targets,
+            "parametrisation": self.parametrisation,
+            "task": self.task,
+            "config": json.dumps(self.config, sort_keys=True, default=str),
+            "scores": json.dumps(self.scores, sort_keys=True),
+            "svf_rl_version": self.svf_rl_version,
+        }
+
+    def check_compatible(self, shapes: dict[str, int], fingerprint: str) -> None:
+        """Raise ExpertError unless this expert fits a model with these z sizes and base fingerprint."""
+        if fingerprint != self.base_fingerprint:
+            raise ExpertError(
+                f"expert was trained on base {self.base_model!r} (fingerprint {self.base_fingerprint}), "
+                f"but this model's fingerprint is {fingerprint}"
+            )
+        missing = sorted(set(self.vectors) - set(shapes))
+        if missing:
+            raise ExpertError(f"expert has {len(missing)} modules that this model does not target, e.g. {missing[0]!r}")
+        for name, z in self.vectors.items():
+            if z.numel() != shapes[name]:
+                raise ExpertError(f"expert z for {name!r} has {z.numel()} values, the model's has {shapes[name]}")
+
+
+def save_expert(expert: Expert, path: str | Path) -> Path:
+    """Write atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: z.detach().float().cpu().contiguous() for name, z in expert.vectors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=expert.metadata())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_expert(path: str | Path) -> Expert:
+    path = Path(path)
+    if not path.is_file():
+        raise ExpertError(f"expert file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            vectors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ExpertError(f"{path} is not a safetensors file: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise ExpertError(f"{path} is not an svf-rl expert file (metadata format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExpertError(f"{path} has expert format version {meta.get('format_version')!r}; "
+                          f"this svf-rl reads version {FORMAT_VERSION}")
+    if meta.get("parametrisation") != PARAMETRISATION:
+        raise ExpertError(f"{path} uses parametrisation {meta.get('parametrisation')!r}; "
+                          f"expected {PARAMETRISATION!r}")
+    for name, z in vectors.items():
+        if z.dim() != 1 or z.dtype != torch.float32:
+            raise ExpertError(f"{path}: z for {name!r} must be a 1-D fp32 vector, got {z.dtype} {tuple(z.shape)}")
+    return Expert(
+        vectors=vectors,
+        base_model=meta.get("base_model", ""),
+        base_fingerprint=meta.get("base_fingerprint", ""),
+        targets=meta.get("targets", ""),
+        task=meta.get("task", ""),
+        config=json.loads(meta.get("config", "{}")),
+        scores=json.loads(meta.get("scores", "{}")),
+        parametrisation=meta["parametrisation"],
+        svf_rl_version=meta.get("svf_rl_version", ""),
+    )
+
+
+def describe_expert(expert: Expert) -> str:
+    """A human-readable summary for `svf-rl inspect`."""
+    zs = torch.cat([z.reshape(-1) for z in expert.vectors.values()]) if expert.vectors else torch.ones(1)
+    dev = (zs - 1).abs()
+    lines = [
+        f"format          {FORMAT} v{FORMAT_VERSION} (svf-rl {expert.svf_rl_version})",
+        f"base model      {expert.base_model}",
+        f"fingerprint     {expert.base_fingerprint}",
+        f"task            {expert.task}",
+        f"targets         {expert.targets}: {len(expert.vectors)} modules, {zs.numel():,} values",
+        f"z               mean {zs.mean():.4f}  min {zs.min():.4f}  max {zs.max():.4f}",
+        f"|z - 1|         mean {dev.mean():.2e}  max {dev.max():.2e}",
+    ]
+    for name, value in sorted(expert.scores.items()):
+        lines.append(f"score           {name}: {value}")
+    return "\n".join(lines)

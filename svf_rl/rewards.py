@@ -1,0 +1,41 @@
+"""Scoring completions with several weighted reward functions, robust to functions that fail."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def reward_name(func) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def score_completions(funcs: Sequence, weights: Sequence[float], prompts: list, completions: list,
+                      columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, list[float | None]]]:
+    """Weighted sum of rewards per completion, and each function's raw scores.
+
+    A function that raises, or a value that is None or NaN, counts as no score (0 in the sum) and is
+    logged; a function that returns the wrong number of values is a bug in it, so that raises.
+    """
+    total = torch.zeros(len(completions))
+    per_func: dict[str, list[float | None]] = {}
+    for func, weight in zip(funcs, weights, strict=True):
+        name = reward_name(func)
+        try:
+            values = list(func(prompts=prompts, completions=completions, **columns))
+        except Exception as err:  # a reward function must never stop training
+            log.warning("reward function %s raised %s: %s; scored as no reward", name, type(err).__name__, err)
+            values = [None] * len(completions)
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
+        clean = [None if v is None or not math.isfinite(float(v)) else float(v) for v in values]
+        if any(v is None for v in clean):
+            log.debug("reward function %s gave no score for %d completions", name, clean.count(None))
+        per_func[name] = clean
+        total += weight * torch.tensor([0.0 if v is None else v for v in clean])
+    return total, per_func

@@ -1,0 +1,86 @@
+"""Files a run writes: metrics JSONL, the learning-curve PNG, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+
+def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: honest for small samples and rates near 0 or 1."""
+    if total == 0:
+        return 0.0, 1.0
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, forget what a killed run logged after its last checkpoint."""
+    kept = [r for r in read_metrics(path) if r.get("step", -1) <= last_step]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_curve(metrics: list[dict], path: Path) -> None:
+    """Training reward and held-out accuracy against step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in metrics if "reward" in r]
+    evals = [r for r in metrics if "eval/accuracy" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward (mean)", alpha=0.7)
+    if evals:
+        ax.errorbar([r["step"] for r in evals], [r["eval/accuracy"] for r in evals],
+                    yerr=[[r["eval/accuracy"] - r["eval/accuracy_low"] for r in evals],
+                          [r["eval/accuracy_high"] - r["eval/accuracy"] for r in evals]],
+                    marker="o", capsize=3, label="held-out accuracy (greedy, 95% CI)")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory appears only once fully written)."""
+    root = output_dir / "checkpoints"
+    return sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
+
+
+def publish_checkpoint(staging: Path, output_dir: Path, step: int, keep: int = 2) -> Path:
+    final = output_dir / "checkpoints" / f"step_{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    for old in checkpoint_dirs(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,193 @@
+"""SVF: W'(z) = U diag(s ⊙ z) Vᵀ for every target linear layer; only z trains."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .svd import cached_svd
+
+TARGET_PRESETS = {
+    "mlp": r"(^|\.)(mlp|feed_forward|ffn)\.",
+    "attn": r"(^|\.)(self_attn|attn|attention|self_attention)\.",
+    "all": r"(^|\.)(mlp|feed_forward|ffn|self_attn|attn|attention|self_attention)\.",
+}
+STRATEGIES = ("auto", "compose", "factored")
+
+
+class SVFLinear(nn.Module):
+    """A linear layer stored as frozen SVD factors and a trainable fp32 scale z on the singular values."""
+
+    def __init__(self, U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, bias: torch.Tensor | None,
+                 strategy: str = "auto"):
+        super().__init__()
+        # Frozen parameters rather than buffers, so that ZeRO-3 can shard them.
+        self.U = nn.Parameter(U, requires_grad=False)
+        self.s = nn.Parameter(s, requires_grad=False)
+        self.Vh = nn.Parameter(Vh, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.z = nn.Parameter(torch.ones_like(s, dtype=torch.float32))
+        self.strategy = strategy
+        self.use_reference = False
+        self._policy_weight: torch.Tensor | None = None
+        self._policy_key: tuple | None = None
+        self._reference_weight: torch.Tensor | None = None
+        self._step_graph: torch.Tensor | None = None  # W'(z) with its graph to z, during a step
+        self._step_weight: torch.Tensor | None = None  # a detached leaf of it that collects ∂L/∂W'
+
+    @property
+    def out_features(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.Vh.shape[1]
+
+    def compose(self, z: torch.Tensor) -> torch.Tensor:
+        """W' = U diag(s ⊙ z) Vᵀ, composed in fp32 and cast to the factors' dtype."""
+        return ((self.U.float() * (self.s.float() * z)) @ self.Vh.float()).to(self.U.dtype)
+
+    def choose_strategy(self, tokens: int) -> str:
+        """Pick the cheaper way to get a gradient to z for a forward over `tokens` rows (FLOPs, fwd+bwd)."""
+        if self.strategy != "auto":
+            return self.strategy
+        out, inp, rank = self.out_features, self.in_features, self.s.numel()
+        compose = 4 * tokens * out * inp + 4 * out * inp * rank  # matmul with a weight grad, plus composing W'
+        factored = 4 * tokens * rank * (inp + out)  # two thin matmuls, no weight grad
+        return "compose" if compose <= factored else "factored"
+
+    def weight_for_inference(self) -> torch.Tensor:
+        """W' for no-grad forwards, recomposed only when z has changed since the last call."""
+        if self.use_reference:
+            if self._reference_weight is None:
+                with torch.no_grad():
+                    self._reference_weight = self.compose(torch.ones_like(self.z))
+            return self._reference_weight
+        key = (self.z.data_ptr(), self.z._version)
+        if key != self._policy_key:
+            with torch.no_grad():
+                self._policy_weight = self.compose(self.z)
+            self._policy_key = key
+        return self._policy_weight
+
+    def begin_step(self, tokens: int) -> None:
+        """Compose W' once for every micro-batch of an optimiser step, if composing is the cheaper strategy."""
+        if self.choose_strategy(tokens) == "compose":
+            self._step_graph = self.compose(self.z)
+            self._step_weight = self._step_graph.detach().requires_grad_()
+
+    def end_step(self) -> None:
+        """Backpropagate the accumulated ∂L/∂W' into z, once."""
+        if self._step_weight is not None and self._step_weight.grad is not None:
+            self._step_graph.backward(self._step_weight.grad)
+        self._step_graph = self._step_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_reference or not (torch.is_grad_enabled() and self.z.requires_grad):
+            return F.linear(x, self.weight_for_inference(), self.bias)
+        if self._step_weight is not None:
+            return F.linear(x, self._step_weight, self.bias)
+        if self.choose_strategy(x.numel() // x.shape[-1]) == "compose":
+            return F.linear(x, self.compose(self.z), self.bias)
+        scaled = F.linear(x, self.Vh) * (self.s * self.z).to(x.dtype)
+        return F.linear(scaled, self.U, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.s.numel()}, strategy={self.strategy}"
+
+
+def target_pattern(targets: str) -> re.Pattern:
+    try:
+        return re.compile(TARGET_PRESETS.get(targets, targets))
+    except re.error as err:
+        raise ValueError(f"targets {targets!r} is neither a preset {sorted(TARGET_PRESETS)} "
+                         f"nor a valid regex: {err}") from None
+
+
+def find_targets(model: nn.Module, targets: str) -> list[str]:
+    """Names of the nn.Linear modules selected by a preset (mlp, attn, all) or a regex over module names."""
+    pattern = target_pattern(targets)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
+    if not names:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
+        raise ValueError(f"targets {targets!r} matched no nn.Linear module; some linear modules: {linear}")
+    tied = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if tied is not None and getattr(model.config, "tie_word_embeddings", False):
+        tied_name = next((n for n, m in model.named_modules() if m is tied), None)
+        if tied_name in names:
+            raise ValueError(f"{tied_name} is tied to the input embeddings and cannot be an SVF target")
+    return names
+
+
+def apply_svf(model: nn.Module, targets: str = "mlp", strategy: str = "auto",
+              cache_dir: Path | None = None, progress: bool = True) -> list[str]:
+    """Replace each target nn.Linear by an SVFLinear in place; freeze everything but z. Returns the names."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"forward strategy {strategy!r} is not one of {STRATEGIES}")
+    names = find_targets(model, targets)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not progress) as bar:
+        job = bar.add_task("SVD of target weights", total=len(names))
+        for name in names:
+            linear = model.get_submodule(name)
+            U, s, Vh = cached_svd(linear.weight, cache_dir)
+            device, dtype = linear.weight.device, linear.weight.dtype
+            layer = SVFLinear(U.to(device, dtype), s.to(device, dtype), Vh.to(device, dtype), linear.bias, strategy)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            bar.advance(job)
+    return names
+
+
+def svf_layers(model: nn.Module) -> dict[str, SVFLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVFLinear)}
+
+
+def z_vectors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The expert: module name → z (a detached fp32 copy)."""
+    return {n: m.z.detach().float().cpu().clone() for n, m in svf_layers(model).items()}
+
+
+def load_z(model: nn.Module, vectors: dict[str, torch.Tensor]) -> None:
+    """Copy z vectors into the model in place (bumps z's version, so cached W' recompose)."""
+    layers = svf_layers(model)
+    with torch.no_grad():
+        for name, z in vectors.items():
+            layers[name].z.copy_(z)
+
+
+@contextlib.contextmanager
+def policy_step(model: nn.Module, tokens: int) -> Iterator[None]:
+    """Scope of one optimiser step over `tokens` rows: layers that compose do it once; z.grad is set on exit."""
+    layers = list(svf_layers(model).values())
+    for layer in layers:
+        layer.begin_step(tokens)
+    try:
+        yield
+        for layer in layers:
+            layer.end_step()
+    finally:
+        for layer in layers:
+            layer._step_graph = layer._step_weight = None
+
+
+@contextlib.contextmanager
+def reference_mode(model: nn.Module) -> Iterator[None]:
+    """Run forwards as the base model (z = 1) without a second copy of the model."""
+    layers = list(svf_layers(model).values())
+    for layer in layers:
+        layer.use_reference = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.use_reference = False

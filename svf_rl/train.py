@@ -1,0 +1,305 @@
+"""The RL loop: sample, score, compute advantages, REINFORCE + KL on z, step. Reads top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .base_model import cache_root, load_base_model
+from .config import TrainConfig, config_dict
+from .engine import HFEngine, Sampling
+from .expert import Expert, load_expert, save_expert
+from .logprobs import completion_logits, make_token_batch
+from .objective import advantages, aggregate, kl_per_token, policy_loss
+from .rewards import reward_name, score_completions
+from .run_files import (
+    append_metrics,
+    checkpoint_dirs,
+    plot_curve,
+    publish_checkpoint,
+    read_metrics,
+    truncate_metrics,
+    wilson_interval,
+    write_atomic,
+)
+from .svd import model_fingerprint
+from .svf import apply_svf, load_z, policy_step, reference_mode, svf_layers, z_vectors
+from .task import load_task
+
+log = logging.getLogger("svf_rl")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why in one line."""
+
+
+class RunState:
+    """What a checkpoint holds besides optimiser, scheduler and RNG: z, the step, the best validation score."""
+
+    def __init__(self, model):
+        self.model, self.step, self.best_accuracy = model, 0, -1.0
+
+    def state_dict(self) -> dict:
+        return {"z": z_vectors(self.model), "step": self.step, "best_accuracy": self.best_accuracy}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_z(self.model, state["z"])
+        self.step, self.best_accuracy = state["step"], state["best_accuracy"]
+
+
+def lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if config.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+@torch.no_grad()
+def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig) -> dict:
+    """Greedy held-out accuracy with its 95% interval."""
+    prompts = [chat_ids(tokenizer, task.prompt(row)) for row in rows]
+    completions = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens))
+    correct = sum(task.score(c.text, row) for c, row in zip(completions, rows, strict=True))
+    low, high = wilson_interval(correct, len(rows))
+    return {"accuracy": correct / len(rows), "accuracy_low": low, "accuracy_high": high, "n": len(rows)}
+
+
+def train(config: TrainConfig) -> Path:
+    """Train an expert vector; return the path of the expert file (the best on validation)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(log_with=available_trackers(config.log_with), project_dir=str(output_dir))
+    set_seed(config.seed)
+    main = accelerator.is_main_process
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
+
+    # Model, SVF parametrisation, task.
+    model, tokenizer = load_base_model(config.model)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
+    model.to(accelerator.device)
+    task = load_task(config.task, config.task_args)
+    reward_funcs = list(task.reward_funcs)
+    weights = config.reward_weights or list(task.reward_weights or [1.0] * len(reward_funcs))
+    if len(weights) != len(reward_funcs):
+        raise TrainingError(f"reward_weights has {len(weights)} entries; task {task.name!r} has "
+                            f"{len(reward_funcs)} reward functions: {[reward_name(f) for f in reward_funcs]}")
+    train_rows = task.rows("train", config.train_size, config.seed)
+    validation_rows = task.rows("validation", config.eval_size, config.seed)
+    test_rows = task.rows("test", config.test_size, config.seed)
+    engine = HFEngine(model, tokenizer)
+
+    z_params = [layer.z for layer in svf_layers(model).values()]
+    optimizer = torch.optim.AdamW(z_params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    state = RunState(model)
+    accelerator.register_for_checkpointing(state)
+
+    metrics_path, best_path = output_dir / "metrics.jsonl", output_dir / "expert_best.safetensors"
+    checkpoints = checkpoint_dirs(output_dir) if config.resume else []
+    if checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        log.info("resumed from %s (step %d)", checkpoints[-1], state.step)
+        if main:
+            truncate_metrics(metrics_path, state.step)
+    elif main:
+        metrics_path.unlink(missing_ok=True)
+    accelerator.init_trackers("svf_rl", config={k: str(v) for k, v in config_dict(config).items()})
+
+    def make_expert(scores: dict) -> Expert:
+        return Expert(z_vectors(model), config.model, fingerprint, config.targets, task.name,
+                      config_dict(config), scores)
+
+    def log_metrics(record: dict) -> None:
+        if main:
+            append_metrics(metrics_path, record)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    base_test = None
+    if state.step == 0:
+        with reference_mode(model):
+            base_test = evaluate(task, test_rows, tokenizer, engine, config)
+        log_metrics({"step": 0, **{f"base_test/{k}": v for k, v in base_test.items()}})
+        report(accelerator, "base model, test", base_test)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.description}"), disable=not (config.progress and main))
+    bad_steps = 0
+    with bar:
+        job = bar.add_task("", total=config.steps, completed=state.step)
+        while state.step < config.steps:
+            step = state.step + 1
+            # 1. Sample prompts and roll out G completions each.
+            rows = random.Random(config.seed * 1_000_003 + step).sample(train_rows, config.prompts_per_step)
+            prompts = [chat_ids(tokenizer, task.prompt(row)) for row in rows]
+            start = time.perf_counter()
+            completions = engine.generate(prompts, Sampling(config.generations_per_prompt, config.temperature,
+                                                            config.top_p, config.max_new_tokens))
+            rollout_time = time.perf_counter() - start
+
+            # 2. Score them and turn rewards into advantages.
+            group = config.generations_per_prompt
+            repeated = [row for row in rows for _ in range(group)]
+            columns = {key: [row[key] for row in repeated] for key in rows[0] if key != "prompt"}
+            rewards, per_func = score_completions(reward_funcs, weights, [task.prompt(r) for r in repeated],
+                                                  [c.text for c in completions], columns)
+            advantage = advantages(rewards, group, config.baseline)
+
+            # 3. REINFORCE + KL on z, in micro-batches; W' is composed once for the whole step.
+            start = time.perf_counter()
+            batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
+                                     tokenizer.pad_token_id).to(accelerator.device)
+            total_tokens = max(1, int(batch.completion_mask.sum()))
+            sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0}
+            with policy_step(model, tokens=int(batch.attention_mask.sum())):
+                for first in range(0, len(batch), config.micro_batch_size):
+                    micro = batch[first:first + config.micro_batch_size]
+                    micro_adv = advantage[first:first + config.micro_batch_size].to(accelerator.device)
+                    logprobs_all = torch.log_softmax(completion_logits(model, micro), -1)
+                    logp = logprobs_all.gather(-1, micro.completion_ids[..., None]).squeeze(-1)
+                    per_token = policy_loss(logp, logp.detach(), micro_adv)
+                    kl = torch.zeros_like(logp)
+                    if config.kl_coef > 0:
+                        with torch.no_grad(), reference_mode(model):
+                            ref_all = torch.log_softmax(completion_logits(model, micro), -1)
+                        ref_logp = ref_all.gather(-1, micro.completion_ids[..., None]).squeeze(-1)
+                        kl = kl_per_token(logp, ref_logp, config.kl_estimator, logprobs_all, ref_all)
+                        per_token = per_token + config.kl_coef * kl
+                    loss = aggregate(per_token, micro.completion_mask, config.loss_aggregation, total_tokens,
+                                     len(batch))
+                    accelerator.backward(loss)
+                    with torch.no_grad():
+                        mask = micro.completion_mask
+                        sums["loss"] += loss.item()
+                        sums["kl"] += (kl * mask).sum().item() / total_tokens
+                        entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+                        sums["entropy"] += (entropy * mask).sum().item() / total_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(z_params, config.max_grad_norm)
+            if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, bad_steps)
+                if bad_steps >= config.max_bad_steps:
+                    raise TrainingError(f"{bad_steps} consecutive non-finite losses; stopped at step {step}, "
+                                        f"last checkpoint kept in {output_dir / 'checkpoints'}")
+            else:
+                bad_steps = 0
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            update_time = time.perf_counter() - start
+            start = time.perf_counter()
+            engine.update_weights()
+            sync_time = time.perf_counter() - start
+            state.step = step
+
+            # 4. Log what happened.
+            deviation = torch.cat([(z.detach() - 1).abs() for z in z_params])
+            generated = sum(len(c.ids) for c in completions)
+            record = {
+                "step": step, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                **{f"reward/{name}": mean_of(values) for name, values in per_func.items()},
+                **{k: v for k, v in sums.items()}, "grad_norm": grad_norm.item(),
+                "z_dev_mean": deviation.mean().item(), "z_dev_max": deviation.max().item(),
+                "completion_len": generated / len(completions), "lr": scheduler.get_last_lr()[0],
+                "rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time,
+                "rollout_tok_s": generated / max(rollout_time, 1e-9),
+            }
+            log_metrics(record)
+            bar.update(job, advance=1, description=f"reward {record['reward']:.3f}  kl {record['kl']:.2e}  "
+                                                   f"|z-1| {record['z_dev_mean']:.1e}")
+
+            # 5. Evaluate, keep the best expert, checkpoint.
+            if step % config.eval_every == 0 or step == config.steps:
+                result = evaluate(task, validation_rows, tokenizer, engine, config)
+                log_metrics({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+                bar.console.print(f"step {step}: validation accuracy {format_accuracy(result)}")
+                if result["accuracy"] > state.best_accuracy:
+                    state.best_accuracy = result["accuracy"]
+                    if main:
+                        save_expert(make_expert({"validation_accuracy": result["accuracy"]}), best_path)
+                if main:
+                    plot_curve(read_metrics(metrics_path), output_dir / "curve.png")
+            if step % config.save_every == 0 or step == config.steps:
+                save_checkpoint(accelerator, output_dir, step)
+
+    # Final: the best expert on validation, scored on the test split.
+    if best_path.exists():
+        load_z(model, load_expert(best_path).vectors)
+        engine.update_weights()
+    final_test = evaluate(task, test_rows, tokenizer, engine, config)
+    log_metrics({"step": state.step, **{f"test/{k}": v for k, v in final_test.items()}})
+    scores = {"validation_accuracy": state.best_accuracy, "test_accuracy": final_test["accuracy"],
+              "test_n": final_test["n"]}
+    if base_test is not None:
+        scores["base_test_accuracy"] = base_test["accuracy"]
+    expert_path = output_dir / "expert.safetensors"
+    if main:
+        save_expert(make_expert(scores), expert_path)
+        plot_curve(read_metrics(metrics_path), output_dir / "curve.png")
+    if base_test is not None:
+        report(accelerator, "base model, test", base_test)
+    report(accelerator, "expert, test", final_test)
+    accelerator.print(f"expert written to {expert_path}")
+    accelerator.end_training()
+    return expert_path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    """accelerate state (z, optimiser, scheduler, RNG) written to a staging dir, then renamed in one step."""
+    staging = output_dir / "checkpoints" / f".staging_{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_checkpoint(staging, output_dir, step)
+
+
+def available_trackers(names: list[str]) -> list[str]:
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+    return [n for n in names if importlib.util.find_spec(modules.get(n, n)) is not None]
+
+
+def mean_of(values: list) -> float:
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else float("nan")
+
+
+def format_accuracy(result: dict) -> str:
+    return (f"{100 * result['accuracy']:.1f}% (95% CI {100 * result['accuracy_low']:.1f}-"
+            f"{100 * result['accuracy_high']:.1f}, n={result['n']})")
+
+
+def report(accelerator: Accelerator, label: str, result: dict) -> None:
+    accelerator.print(f"{label}: {format_accuracy(result)}")

@@ -1,0 +1,38 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from svf_rl.base_model import EMBEDDED_MODEL, resolve_model_path  # noqa: E402
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The embedded SmolLM2 converted once into the cache."""
+    return resolve_model_path(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a HF directory."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

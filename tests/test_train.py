@@ -1,0 +1,93 @@
+"""End-to-end training on a tiny random Llama (fast) and on the real SmolLM2 (slow)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from svf_rl.config import load_config
+from svf_rl.expert import load_expert
+from svf_rl.train import train
+
+TASK_FILE = '''
+from svf_rl.task import Task
+
+
+def says_yes(prompts, completions, **_):
+    return [1.0 if "yes" in c.lower() else 0.0 for c in completions]
+
+
+class YesTask(Task):
+    name = "yes"
+    reward_funcs = [says_yes]
+
+    def rows(self, split, size, seed):
+        return [{"question": f"Is {i} a number?", "split": split} for i in range(size)]
+
+    def user_message(self, row):
+        return row["question"]
+'''
+
+
+def tiny_config(model_dir: str, tmp_path: Path, **overrides):
+    task_file = tmp_path / "yes_task.py"
+    task_file.write_text(TASK_FILE)
+    values = dict(model=model_dir, task=f"{task_file}:YesTask", steps=3, prompts_per_step=2,
+                  generations_per_prompt=2, max_new_tokens=4, eval_every=3, eval_size=4, test_size=4,
+                  train_size=8, save_every=1, output_dir=str(tmp_path / "run"), log_with=[], progress=False,
+                  lr=0.05, kl_coef=0.1, kl_estimator="full")
+    values.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+def test_training_moves_z_and_writes_a_loadable_expert(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path)
+    expert = load_expert(train(config))
+    deviation = max((z - 1).abs().max().item() for z in expert.vectors.values())
+    assert deviation > 1e-3
+    assert expert.task == "yes" and "test_accuracy" in expert.scores
+    run = Path(config.output_dir)
+    assert (run / "curve.png").stat().st_size > 0
+    metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum('"reward"' in line for line in metrics) == 3
+
+
+def run_training_process(config_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "svf_rl", "train", "--config", str(config_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    import yaml
+
+    from svf_rl.config import config_dict
+
+    reference = tiny_config(tiny_model_dir, tmp_path / "a", steps=6, eval_every=100)
+    train(reference)
+    z_reference = torch.load(sorted((Path(reference.output_dir) / "checkpoints").glob("step_*"))[-1]
+                             / "custom_checkpoint_0.pkl", weights_only=True)["z"]
+
+    config = tiny_config(tiny_model_dir, tmp_path / "b", steps=6, eval_every=100)
+    config_path = tmp_path / "b.yaml"
+    config_path.write_text(yaml.safe_dump(config_dict(config)))
+    process = run_training_process(config_path)
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("step_000003")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # no chance to clean up
+    process.wait()
+    assert (checkpoints / "step_000003").exists(), process.stderr.read().decode()[-2000:]
+
+    resumed = subprocess.run([sys.executable, "-m", "svf_rl", "train", "--config", str(config_path)],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    z_resumed = torch.load(checkpoints / "step_000006" / "custom_checkpoint_0.pkl", weights_only=True)["z"]
+    for name, z in z_reference.items():
+        assert torch.allclose(z_resumed[name], z, atol=1e-6), name
