@@ -2,35 +2,39 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import yaml
 
-from .expert import load_expert, save_expert
+from .expert import Expert, save_expert
 from .run_files import checkpoint_dirs
+
+RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, written when it starts
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write the z of a checkpoint (or a run directory's latest one) as an expert file."""
+    """Write the z of a checkpoint (or of a run directory's latest checkpoint) as an expert file."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    run_dir = checkpoint
-    if not checkpoint.name.startswith("step_"):
-        found = checkpoint_dirs(checkpoint)
+    if checkpoint.name.startswith("step_"):
+        run_dir = checkpoint.parent.parent
+    else:
+        run_dir, found = checkpoint, checkpoint_dirs(checkpoint)
         if not found:
             raise FileNotFoundError(f"{checkpoint} holds no checkpoints/step_* directory")
         checkpoint = found[-1]
-    else:
-        run_dir = checkpoint.parent.parent
-    states = sorted(checkpoint.glob("custom_checkpoint_*.pkl"))
-    if not states:
-        raise FileNotFoundError(f"{checkpoint} has no run state (custom_checkpoint_0.pkl)")
-    state = torch.load(states[0], weights_only=True)
-    template = run_dir / "expert_best.safetensors"
-    if not template.exists():
-        raise FileNotFoundError(f"{run_dir} has no expert_best.safetensors to take the base model metadata from")
-    expert = load_expert(template)
-    expert.vectors = state["z"]
-    expert.scores = {"step": state["step"]}
+    state_file = checkpoint / "custom_checkpoint_0.pkl"
+    if not state_file.exists():
+        raise FileNotFoundError(f"{checkpoint} has no run state ({state_file.name})")
+    if not (run_dir / RUN_INFO).exists():
+        raise FileNotFoundError(f"{run_dir} has no {RUN_INFO}; is it an svf-rl run directory?")
+    state = torch.load(state_file, weights_only=True)
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+    expert = Expert(state["z"], info["base_model"], info["base_fingerprint"], info["targets"], info["task"],
+                    config, {"step": state["step"]})
     return save_expert(expert, output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -18,6 +19,7 @@ from .base_model import cache_root, load_base_model
 from .config import TrainConfig, config_dict
 from .engine import HFEngine, Sampling
 from .expert import Expert, load_expert, save_expert
+from .export import RUN_INFO
 from .logprobs import completion_logits, make_token_batch
 from .objective import advantages, aggregate, kl_per_token, policy_loss
 from .rewards import reward_name, score_completions
@@ -134,6 +136,11 @@ def train(config: TrainConfig) -> Path:
     def make_expert(scores: dict) -> Expert:
         return Expert(z_vectors(model), config.model, fingerprint, config.targets, task.name,
                       config_dict(config), scores)
+
+    if main:  # what `svf-rl export` needs to turn any checkpoint into an expert file
+        write_atomic(output_dir / RUN_INFO, json.dumps(
+            {"base_model": config.model, "base_fingerprint": fingerprint, "targets": config.targets,
+             "task": task.name}))
 
     def log_metrics(record: dict) -> None:
         if main:

@@ -42,3 +42,7 @@ class Arithmetic(Task):
 
     def user_message(self, row: dict) -> str:
         return f"{row['question']} {self.instruction}".strip()
+
+    def score(self, completion: str, row: dict) -> float:
+        """Exact accuracy: reasoning-gym gives partial credit to wrong numbers, which helps as a reward only."""
+        return float(super().score(completion, row) >= 1.0)

@@ -3,9 +3,10 @@ import pytest
 from svf_rl.config import ConfigError, TrainConfig, load_config
 
 
-def test_defaults_are_the_embedded_job():
-    config = load_config()
-    assert config == TrainConfig()
+def test_launch_default_yaml_is_what_train_runs_without_arguments():
+    from pathlib import Path
+
+    assert load_config(str(Path(__file__).parent.parent / "launch" / "default.yaml")) == TrainConfig()
 
 
 def test_unknown_config_key_names_valid_keys():

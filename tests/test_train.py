@@ -18,7 +18,7 @@ from svf_rl.task import Task
 
 
 def says_yes(prompts, completions, **_):
-    return [1.0 if "yes" in c.lower() else 0.0 for c in completions]
+    return [1.0 if "yes" in c.lower() else 1.0 / (1 + len(c)) for c in completions]  # short is better
 
 
 class YesTask(Task):
@@ -34,6 +34,7 @@ class YesTask(Task):
 
 
 def tiny_config(model_dir: str, tmp_path: Path, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     task_file = tmp_path / "yes_task.py"
     task_file.write_text(TASK_FILE)
     values = dict(model=model_dir, task=f"{task_file}:YesTask", steps=3, prompts_per_step=2,
@@ -91,3 +92,33 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
     z_resumed = torch.load(checkpoints / "step_000006" / "custom_checkpoint_0.pkl", weights_only=True)["z"]
     for name, z in z_reference.items():
         assert torch.allclose(z_resumed[name], z, atol=1e-6), name
+
+
+def test_export_turns_a_checkpoint_into_the_same_expert(tiny_model_dir, tmp_path):
+    from svf_rl.export import export_checkpoint
+
+    config = tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=2)
+    trained = load_expert(train(config))
+    exported = load_expert(export_checkpoint(config.output_dir, tmp_path / "exported.safetensors"))
+    assert exported.base_fingerprint == trained.base_fingerprint and exported.scores == {"step": 2}
+    assert exported.vectors.keys() == trained.vectors.keys()
+
+
+def test_embedded_smollm2_trains_a_few_steps_and_the_expert_fits_the_model(smollm2_path, tmp_path):
+    from svf_rl.base_model import EMBEDDED_MODEL, load_base_model
+    from svf_rl.svd import model_fingerprint
+    from svf_rl.svf import apply_svf, load_z, svf_layers
+
+    config = load_config(None, [f"output_dir={tmp_path / 'run'}", "steps=2", "prompts_per_step=4",
+                                "generations_per_prompt=2", "max_new_tokens=12", "baseline=none", "eval_every=2",
+                                "eval_size=8", "test_size=8", "train_size=16", "log_with=[]", "progress=false",
+                                "lr=0.01"])
+    expert = load_expert(train(config))
+    assert expert.base_model == EMBEDDED_MODEL and len(expert.vectors) == 90  # 30 layers × 3 MLP matrices
+    assert max((z - 1).abs().max().item() for z in expert.vectors.values()) > 1e-3
+
+    model, _ = load_base_model(EMBEDDED_MODEL)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, expert.targets, progress=False)
+    expert.check_compatible({n: m.z.numel() for n, m in svf_layers(model).items()}, fingerprint)
+    load_z(model, expert.vectors)
