@@ -58,8 +58,10 @@ class SVFLinear(nn.Module):
         if self.strategy != "auto":
             return self.strategy
         out, inp, rank = self.out_features, self.in_features, self.s.numel()
-        compose = 4 * tokens * out * inp + 4 * out * inp * rank  # matmul with a weight grad, plus composing W'
-        factored = 4 * tokens * rank * (inp + out)  # two thin matmuls, no weight grad
+        # compose: forward, input grad and weight grad of a full matmul, plus composing W' and its backward.
+        compose = 6 * tokens * out * inp + 4 * out * inp * rank
+        # factored: forward and input grad of two thin matmuls; z's grad is elementwise.
+        factored = 4 * tokens * rank * (inp + out)
         return "compose" if compose <= factored else "factored"
 
     def weight_for_inference(self) -> torch.Tensor:

@@ -59,10 +59,12 @@ def test_policy_step_composes_once_and_gives_the_same_gradient_over_micro_batche
     assert torch.allclose(layer.z.grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_strategy_composes_for_many_tokens_and_factors_for_few():
-    layer, _ = make_layer(out=1536, inp=576)
-    assert layer.choose_strategy(tokens=4) == "factored"
-    assert layer.choose_strategy(tokens=8192) == "compose"
+def test_auto_strategy_composes_square_matrices_for_many_tokens_and_factors_for_few():
+    square, _ = make_layer(out=576, inp=576)
+    assert square.choose_strategy(tokens=4) == "factored"
+    assert square.choose_strategy(tokens=8192) == "compose"
+    wide, _ = make_layer(out=1536, inp=576)  # out > 2·in: the thin factors are cheaper at any batch
+    assert wide.choose_strategy(tokens=8192) == "factored"
 
 
 def test_cached_weight_recomposes_only_when_z_changes():
