@@ -193,3 +193,9 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.use_reference = False
+
+
+def apply_expert(model: nn.Module, expert, fingerprint: str) -> None:
+    """Load an expert's z into an SVF model after checking names, sizes and the base fingerprint."""
+    expert.check_compatible({name: layer.z.numel() for name, layer in svf_layers(model).items()}, fingerprint)
+    load_z(model, expert.vectors)

@@ -34,7 +34,7 @@ from .run_files import (
     write_atomic,
 )
 from .svd import model_fingerprint
-from .svf import apply_svf, load_z, policy_step, reference_mode, svf_layers, z_vectors
+from .svf import apply_expert, apply_svf, load_z, policy_step, reference_mode, svf_layers, z_vectors
 from .task import load_task
 
 log = logging.getLogger("svf_rl")
@@ -259,7 +259,7 @@ def train(config: TrainConfig) -> Path:
 
     # Final: the best expert on validation, scored on the test split.
     if best_path.exists():
-        load_z(model, load_expert(best_path).vectors)
+        apply_expert(model, load_expert(best_path), fingerprint)
         engine.update_weights()
     final_test = evaluate(task, test_rows, tokenizer, engine, config)
     log_metrics({"step": state.step, **{f"test/{k}": v for k, v in final_test.items()}})

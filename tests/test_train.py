@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from svf_rl.config import load_config
@@ -106,8 +107,9 @@ def test_export_turns_a_checkpoint_into_the_same_expert(tiny_model_dir, tmp_path
 
 def test_embedded_smollm2_trains_a_few_steps_and_the_expert_fits_the_model(smollm2_path, tmp_path):
     from svf_rl.base_model import EMBEDDED_MODEL, load_base_model
+    from svf_rl.expert import ExpertError
     from svf_rl.svd import model_fingerprint
-    from svf_rl.svf import apply_svf, load_z, svf_layers
+    from svf_rl.svf import apply_expert, apply_svf, svf_layers
 
     config = load_config(None, [f"output_dir={tmp_path / 'run'}", "steps=2", "prompts_per_step=4",
                                 "generations_per_prompt=2", "max_new_tokens=12", "baseline=none", "eval_every=2",
@@ -120,5 +122,8 @@ def test_embedded_smollm2_trains_a_few_steps_and_the_expert_fits_the_model(smoll
     model, _ = load_base_model(EMBEDDED_MODEL)
     fingerprint = model_fingerprint(model)
     apply_svf(model, expert.targets, progress=False)
-    expert.check_compatible({n: m.z.numel() for n, m in svf_layers(model).items()}, fingerprint)
-    load_z(model, expert.vectors)
+    apply_expert(model, expert, fingerprint)
+    for name, layer in svf_layers(model).items():
+        assert torch.equal(layer.z.detach(), expert.vectors[name])
+    with pytest.raises(ExpertError, match="fingerprint"):
+        apply_expert(model, expert, "0" * 32)
