@@ -54,7 +54,7 @@ class TrainConfig:
     resume: bool = True  # continue from the latest checkpoint in output_dir, if any
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (each is skipped) before stopping
     seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = one per available core
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per physical core)
     log_with: list = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 

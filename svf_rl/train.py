@@ -148,9 +148,8 @@ def train(config: TrainConfig) -> Path:
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
     base_test = None
-    if state.step == 0:
-        with reference_mode(model):
-            base_test = evaluate(task, test_rows, tokenizer, engine, config)
+    if state.step == 0:  # z = 1 still: the policy is the base model
+        base_test = evaluate(task, test_rows, tokenizer, engine, config)
         log_metrics({"step": 0, **{f"base_test/{k}": v for k, v in base_test.items()}})
         report(accelerator, "base model, test", base_test)
 
