@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError, load_config
     from .expert import ExpertError
+    from .train import TrainingError
 
     try:
         if args.command == "train":
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, target in sorted(available_tasks().items()):
                 print(f"{name:24s} {target}")
-    except (ConfigError, ExpertError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ExpertError, TrainingError, FileNotFoundError, ValueError) as err:
         print(f"svf-rl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -49,10 +49,10 @@ def completion_logits(model, batch: TokenBatch) -> torch.Tensor:
     return out.logits[:, :-1].float()
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+def of_tokens(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Pick each position's sampled-token log-prob out of the full [B, C, V] log-probs."""
+    return logprobs.gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logprobs = torch.log_softmax(logits, -1)
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(-1)

@@ -20,7 +20,7 @@ from .config import TrainConfig, config_dict
 from .engine import HFEngine, Sampling
 from .expert import Expert, load_expert, save_expert
 from .export import RUN_INFO
-from .logprobs import completion_logits, make_token_batch
+from .logprobs import completion_logits, entropy, make_token_batch, of_tokens
 from .objective import advantages, aggregate, kl_per_token, policy_loss
 from .rewards import reward_name, score_completions
 from .run_files import (
@@ -189,13 +189,13 @@ def train(config: TrainConfig) -> Path:
                     micro = batch[first:first + config.micro_batch_size]
                     micro_adv = advantage[first:first + config.micro_batch_size].to(accelerator.device)
                     logprobs_all = torch.log_softmax(completion_logits(model, micro), -1)
-                    logp = logprobs_all.gather(-1, micro.completion_ids[..., None]).squeeze(-1)
+                    logp = of_tokens(logprobs_all, micro.completion_ids)
                     per_token = policy_loss(logp, logp.detach(), micro_adv)
                     kl = torch.zeros_like(logp)
                     if config.kl_coef > 0:
                         with torch.no_grad(), reference_mode(model):
                             ref_all = torch.log_softmax(completion_logits(model, micro), -1)
-                        ref_logp = ref_all.gather(-1, micro.completion_ids[..., None]).squeeze(-1)
+                        ref_logp = of_tokens(ref_all, micro.completion_ids)
                         kl = kl_per_token(logp, ref_logp, config.kl_estimator, logprobs_all, ref_all)
                         per_token = per_token + config.kl_coef * kl
                     loss = aggregate(per_token, micro.completion_mask, config.loss_aggregation, total_tokens,
@@ -205,8 +205,7 @@ def train(config: TrainConfig) -> Path:
                         mask = micro.completion_mask
                         sums["loss"] += loss.item()
                         sums["kl"] += (kl * mask).sum().item() / total_tokens
-                        entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-                        sums["entropy"] += (entropy * mask).sum().item() / total_tokens
+                        sums["entropy"] += (entropy(logprobs_all) * mask).sum().item() / total_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(z_params, config.max_grad_norm)
             if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)

@@ -44,3 +44,11 @@ def test_yaml_configs_in_launch_are_valid():
     assert configs
     for path in configs:
         load_config(str(path))
+
+
+def test_cli_reports_a_bad_key_in_one_line(capsys):
+    from svf_rl.cli import main
+
+    assert main(["train", "lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("svf-rl train: error: unknown config key 'lrr'") and "\n" not in err
