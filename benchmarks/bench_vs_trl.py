@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 P, G, T = 8, 4, 12
 
@@ -36,7 +38,7 @@ def run_svf(steps: int) -> dict:
                                 f"generations_per_prompt={G}", f"max_new_tokens={T}", "eval_every=1000",
                                 "eval_size=1", "test_size=1", "log_with=[]", "progress=false", "save_every=1000"])
     train(config)
-    steps_logged = [r for r in read_metrics(__import__("pathlib").Path(out) / "metrics.jsonl") if "reward" in r]
+    steps_logged = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "reward" in r]
     times = [r["rollout_s"] + r["update_s"] + r["sync_s"] for r in steps_logged[1:]]
     return {"step_s": statistics.median(times), "peak_rss_gib": peak_rss_gib()}
 
@@ -88,7 +90,7 @@ def main() -> None:
     results = {}
     for side in ("svf", "trl"):
         proc = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps)],
-                              capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{side} side failed:\n{proc.stderr[-3000:]}")

@@ -9,9 +9,15 @@ import torch
 import yaml
 
 from .expert import Expert, save_expert
-from .run_files import checkpoint_dirs
+from .run_files import checkpoint_dirs, write_atomic
 
 RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, written when it starts
+
+
+def write_run_info(run_dir: Path, base_model: str, base_fingerprint: str, targets: str, task: str) -> None:
+    """Record what `export_checkpoint` needs besides z, so any checkpoint of the run can become an expert."""
+    info = {"base_model": base_model, "base_fingerprint": base_fingerprint, "targets": targets, "task": task}
+    write_atomic(Path(run_dir) / RUN_INFO, json.dumps(info))
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:

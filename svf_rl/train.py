@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -19,7 +18,7 @@ from .base_model import cache_root, load_base_model
 from .config import TrainConfig, config_dict
 from .engine import HFEngine, Sampling
 from .expert import Expert, load_expert, save_expert
-from .export import RUN_INFO
+from .export import write_run_info
 from .logprobs import completion_logits, entropy, make_token_batch, of_tokens
 from .objective import advantages, aggregate, kl_per_token, policy_loss
 from .rewards import reward_name, score_completions
@@ -137,10 +136,8 @@ def train(config: TrainConfig) -> Path:
         return Expert(z_vectors(model), config.model, fingerprint, config.targets, task.name,
                       config_dict(config), scores)
 
-    if main:  # what `svf-rl export` needs to turn any checkpoint into an expert file
-        write_atomic(output_dir / RUN_INFO, json.dumps(
-            {"base_model": config.model, "base_fingerprint": fingerprint, "targets": config.targets,
-             "task": task.name}))
+    if main:
+        write_run_info(output_dir, config.model, fingerprint, config.targets, task.name)
 
     def log_metrics(record: dict) -> None:
         if main:
