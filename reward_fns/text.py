@@ -23,3 +23,12 @@ def last_number(text: str) -> str | None:
         return None
     number = matches[-1].replace(",", "").rstrip(".")
     return number[:-2] if number.endswith(".0") else number
+
+
+def answer_or_last_line(text: str) -> str | None:
+    """The last <answer>...</answer>, else the last non-empty line: reasoning-gym's answer convention."""
+    tagged = _ANSWER_TAG.findall(text)
+    if tagged:
+        return tagged[-1].strip()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
