@@ -13,13 +13,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train an expert (no arguments: the embedded CPU default)")
     train.add_argument("--config", help="YAML file of TrainConfig keys")
+    train.add_argument("--task", help="task name, module:Name or path/to/file.py:Name (same as task=...)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. lr=1e-3")
     export = commands.add_parser("export", help="write the expert file of a checkpoint")
     export.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
     export.add_argument("output", help="expert file to write (.safetensors)")
     inspect = commands.add_parser("inspect", help="summarise an expert file")
     inspect.add_argument("file")
-    commands.add_parser("tasks", help="list registered tasks")
+    commands.add_parser("tasks", help="list built-in and installed tasks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import train as run_training
 
-            run_training(load_config(args.config, args.overrides))
+            overrides = args.overrides + ([f"task={args.task}"] if args.task else [])
+            run_training(load_config(args.config, overrides))
         elif args.command == "export":
             from .export import export_checkpoint
 
@@ -43,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe_expert(load_expert(args.file)))
         elif args.command == "tasks":
-            from .task import available_tasks
+            from .task import available_tasks, describe_task
 
             for name, target in sorted(available_tasks().items()):
-                print(f"{name:24s} {target}")
+                print(f"{name:20s} {describe_task(name)}  [{target}]")
     except (ConfigError, ExpertError, TrainingError, FileNotFoundError, ValueError) as err:
         print(f"svf-rl {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import inspect
+import random
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .rewards import as_completion
+
 ENTRY_POINT_GROUP = "svf_rl.tasks"
 RewardFunc = Callable[..., list]  # TRL's signature: f(prompts, completions, **columns) -> list[float | None]
+
+
+class TaskError(ValueError):
+    """A task that cannot be built or fed; the message names the task and what is wrong."""
 
 
 class Task:
@@ -40,13 +49,52 @@ class Task:
     def score(self, completion: str, row: dict) -> float:
         """Held-out metric of one greedy completion, in [0, 1]. Defaults to the first reward function."""
         columns = {k: [v] for k, v in row.items() if k != "prompt"}
-        value = self.reward_funcs[0](prompts=[self.prompt(row)], completions=[completion], **columns)[0]
+        prompt = self.prompt(row)
+        value = self.reward_funcs[0](prompts=[prompt], completions=[as_completion(prompt, completion)], **columns)[0]
         return float(value or 0.0)
+
+
+def hash_split(key: str, validation: float = 0.2, test: float = 0.2) -> str:
+    """A stable split for a problem, from a hash of its text: the same problem is always in the same split."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+    return "test" if bucket < test else "validation" if bucket < test + validation else "train"
+
+
+def sample_rows(rows: list[dict], size: int, seed: int) -> list[dict]:
+    """`size` rows drawn without replacement (all of them, shuffled, when there are fewer)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:size]
+
+
+def check_reward_columns(task: Task, row: dict) -> None:
+    """Fail before training when a reward function needs a column the task's rows lack."""
+    for func in task.reward_funcs:
+        try:
+            parameters = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in parameters:
+            needed = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            if needed and p.name not in ("prompts", "completions", "completion_ids") and p.name not in row:
+                have = ", ".join(sorted(k for k in row if k != "prompt"))
+                raise TaskError(f"task {task.name!r}: reward function {getattr(func, '__name__', func)} needs "
+                                f"column {p.name!r}, which its rows lack (they have: {have})")
 
 
 def available_tasks() -> dict[str, str]:
     """Registered task names → their entry point targets."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def describe_task(name: str) -> str:
+    """The first line of the docstring of a registered task's module: one task, one file, one summary."""
+    try:
+        factory = next(ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name).load()
+    except Exception as err:  # a broken plugin must not hide the others
+        return f"(cannot import: {type(err).__name__}: {err})"
+    doc = inspect.getdoc(sys.modules[factory.__module__])
+    return doc.strip().splitlines()[0] if doc else ""
 
 
 def _import_reference(reference: str):
@@ -63,7 +111,7 @@ def _import_reference(reference: str):
     else:
         module = importlib.import_module(where)
     if not hasattr(module, attr):
-        raise ValueError(f"{where} has no attribute {attr!r}")
+        raise TaskError(f"{where} has no attribute {attr!r}")
     return getattr(module, attr)
 
 
@@ -74,13 +122,13 @@ def load_task(spec: str, args: dict | None = None) -> Task:
     else:
         registered = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
         if spec not in registered:
-            raise ValueError(f"unknown task {spec!r}; available: {', '.join(sorted(registered)) or 'none'} "
+            raise TaskError(f"unknown task {spec!r}; available: {', '.join(sorted(registered)) or 'none'} "
                              "(or give path/to/file.py:Name)")
         factory = registered[spec].load()
     try:
         task = factory(**(args or {}))
     except TypeError as err:
-        raise ValueError(f"task {spec!r} rejected task_args {args}: {err}") from None
+        raise TaskError(f"task {spec!r} rejected task_args {args}: {err}") from None
     if not task.reward_funcs:
-        raise ValueError(f"task {spec!r} defines no reward functions")
+        raise TaskError(f"task {spec!r} defines no reward functions")
     return task

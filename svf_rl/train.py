@@ -21,7 +21,7 @@ from .expert import Expert, load_expert, save_expert
 from .export import write_run_info
 from .logprobs import completion_logits, entropy, make_token_batch, of_tokens
 from .objective import advantages, aggregate, kl_per_token, policy_loss
-from .rewards import reward_name, score_completions
+from .rewards import as_completion, reward_name, score_completions
 from .run_files import (
     append_metrics,
     checkpoint_dirs,
@@ -34,7 +34,7 @@ from .run_files import (
 )
 from .svd import model_fingerprint
 from .svf import apply_expert, apply_svf, load_z, policy_step, reference_mode, svf_layers, z_vectors
-from .task import load_task
+from .task import check_reward_columns, load_task
 
 log = logging.getLogger("svf_rl")
 
@@ -81,9 +81,17 @@ def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig) -> 
     """Greedy held-out accuracy with its 95% interval."""
     prompts = [chat_ids(tokenizer, task.prompt(row)) for row in rows]
     completions = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens))
-    correct = sum(task.score(c.text, row) for c, row in zip(completions, rows, strict=True))
+    correct = sum(safe_score(task, c.text, row) for c, row in zip(completions, rows, strict=True))
     low, high = wilson_interval(correct, len(rows))
     return {"accuracy": correct / len(rows), "accuracy_low": low, "accuracy_high": high, "n": len(rows)}
+
+
+def safe_score(task, completion: str, row: dict) -> float:
+    try:
+        return task.score(completion, row)
+    except Exception as err:  # scored as wrong; training stops the function if it keeps failing there
+        log.warning("task %s: score raised %s: %s; counted as wrong", task.name, type(err).__name__, err)
+        return 0.0
 
 
 def train(config: TrainConfig) -> Path:
@@ -91,18 +99,14 @@ def train(config: TrainConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(log_with=available_trackers(config.log_with), project_dir=str(output_dir))
+    accelerator = Accelerator(log_with=available_trackers(config.log_with) or None, project_dir=str(output_dir))
     set_seed(config.seed)
     main = accelerator.is_main_process
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
 
-    # Model, SVF parametrisation, task.
-    model, tokenizer = load_base_model(config.model)
-    fingerprint = model_fingerprint(model)
-    apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
-    model.to(accelerator.device)
+    # Task first, so that bad data fails before the model loads; then the model and its SVF parametrisation.
     task = load_task(config.task, config.task_args)
     reward_funcs = list(task.reward_funcs)
     weights = config.reward_weights or list(task.reward_weights or [1.0] * len(reward_funcs))
@@ -112,6 +116,11 @@ def train(config: TrainConfig) -> Path:
     train_rows = task.rows("train", config.train_size, config.seed)
     validation_rows = task.rows("validation", config.eval_size, config.seed)
     test_rows = task.rows("test", config.test_size, config.seed)
+    check_reward_columns(task, train_rows[0])
+    model, tokenizer = load_base_model(config.model)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
+    model.to(accelerator.device)
     engine = HFEngine(model, tokenizer)
 
     z_params = [layer.z for layer in svf_layers(model).values()]
@@ -154,7 +163,7 @@ def train(config: TrainConfig) -> Path:
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.description}"), disable=not (config.progress and main))
-    bad_steps = 0
+    bad_steps = failing_rewards = 0
     with bar:
         job = bar.add_task("", total=config.steps, completed=state.step)
         while state.step < config.steps:
@@ -171,8 +180,16 @@ def train(config: TrainConfig) -> Path:
             group = config.generations_per_prompt
             repeated = [row for row in rows for _ in range(group)]
             columns = {key: [row[key] for row in repeated] for key in rows[0] if key != "prompt"}
-            rewards, per_func = score_completions(reward_funcs, weights, [task.prompt(r) for r in repeated],
-                                                  [c.text for c in completions], columns)
+            messages = [task.prompt(row) for row in repeated]
+            texts = [as_completion(m, c.text) for m, c in zip(messages, completions, strict=True)]
+            rewards, per_func, reward_errors = score_completions(
+                reward_funcs, weights, messages, texts, {**columns, "completion_ids": [c.ids for c in completions]},
+                task.name)
+            failing_rewards = failing_rewards + 1 if reward_errors else 0
+            if failing_rewards >= config.max_bad_steps:
+                name, error = next(iter(reward_errors.items()))
+                raise TrainingError(f"task {task.name!r}: reward function {name} raised on {failing_rewards} "
+                                    f"consecutive steps ({error}); stopped at step {step}")
             advantage = advantages(rewards, group, config.baseline)
 
             # 3. REINFORCE + KL on z, in micro-batches; W' is composed once for the whole step.

@@ -15,11 +15,13 @@ from svf_rl.expert import load_expert
 from svf_rl.train import train
 
 TASK_FILE = '''
+from reward_fns.text import completion_text
 from svf_rl.task import Task
 
 
 def says_yes(prompts, completions, **_):
-    return [1.0 if "yes" in c.lower() else 1.0 / (1 + len(c)) for c in completions]  # short is better
+    texts = [completion_text(c) for c in completions]
+    return [1.0 if "yes" in t.lower() else 1.0 / (1 + len(t)) for t in texts]  # short is better
 
 
 class YesTask(Task):
