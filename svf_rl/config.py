@@ -24,12 +24,15 @@ class TrainConfig:
     reward_weights: list = field(default_factory=list)  # one per reward function; empty = the task's own
     train_size: int = 5000  # training problems drawn from the task
     # Rollouts
-    engine: str = "hf"
+    engine: str = "hf"  # hf | vllm (colocated in the trainer process)
+    engine_ratio_cap: float = 0.0  # > 0: weight tokens by min(π_trainer/π_engine, cap) for the sampler's numerics
+    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory for vLLM's weights and KV cache
     prompts_per_step: int = 8
     generations_per_prompt: int = 4
     max_new_tokens: int = 12
     temperature: float = 1.0
     top_p: float = 1.0
+    seeded_rollouts: bool = False  # a seed per prompt: the same samples whatever the number of processes
     # Objective
     baseline: str = "rloo"  # none | mean | rloo | grpo
     kl_coef: float = 0.0
@@ -61,7 +64,7 @@ class TrainConfig:
 
 CHOICES = {
     "forward_strategy": ("auto", "compose", "factored"),
-    "engine": ("hf",),
+    "engine": ("hf", "vllm"),
     "baseline": ("none", "mean", "rloo", "grpo"),
     "kl_estimator": ("k1", "k3", "full"),
     "loss_aggregation": ("token_mean", "sequence_mean", "sequence_sum"),

@@ -14,6 +14,7 @@ class Sampling:
     temperature: float = 1.0  # 0 decodes greedily (evaluation only)
     top_p: float = 1.0
     max_new_tokens: int = 16
+    seeds: list[int] | None = None  # one per prompt: samples then do not depend on batching or on the rank
 
 
 @dataclass
@@ -56,6 +57,13 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
+        if sampling.seeds is not None:  # one prompt per call, each under its own seed
+            completions = []
+            for prompt, seed in zip(prompts, sampling.seeds, strict=True):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    completions += self._generate([prompt], sampling)
+            return completions
         completions = []
         per_call = max(1, self.batch_size // sampling.n)
         for start in range(0, len(prompts), per_call):

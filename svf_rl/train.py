@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
-from .base_model import cache_root, load_base_model
+from .base_model import cache_root, load_base_model, resolve_model_path
 from .config import TrainConfig, config_dict
 from .engine import HFEngine, Sampling
 from .expert import Expert, load_expert, save_expert
@@ -77,11 +77,14 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig) -> dict:
-    """Greedy held-out accuracy with its 95% interval."""
-    prompts = [chat_ids(tokenizer, task.prompt(row)) for row in rows]
-    completions = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens))
-    correct = sum(safe_score(task, c.text, row) for c, row in zip(completions, rows, strict=True))
+def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, accelerator: Accelerator) -> dict:
+    """Greedy held-out accuracy with its 95% interval; each rank scores its share of the rows."""
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    prompts = [chat_ids(tokenizer, task.prompt(row)) for row in mine]
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
+    completions = engine.generate(prompts, sampling) if prompts else []
+    correct = sum(safe_score(task, c.text, row) for c, row in zip(completions, mine, strict=True))
+    correct = accelerator.reduce(torch.tensor(float(correct), device=accelerator.device), "sum").item()
     low, high = wilson_interval(correct, len(rows))
     return {"accuracy": correct / len(rows), "accuracy_low": low, "accuracy_high": high, "n": len(rows)}
 
@@ -101,7 +104,10 @@ def train(config: TrainConfig) -> Path:
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(log_with=available_trackers(config.log_with) or None, project_dir=str(output_dir))
     set_seed(config.seed)
-    main = accelerator.is_main_process
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if config.prompts_per_step % world:
+        raise TrainingError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the "
+                            f"{world} processes, which share each step's prompts")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
@@ -121,7 +127,7 @@ def train(config: TrainConfig) -> Path:
     fingerprint = model_fingerprint(model)
     apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
     model.to(accelerator.device)
-    engine = HFEngine(model, tokenizer)
+    engine = make_engine(config, model, tokenizer)
 
     z_params = [layer.z for layer in svf_layers(model).values()]
     optimizer = torch.optim.AdamW(z_params, lr=config.lr, weight_decay=config.weight_decay)
@@ -155,7 +161,7 @@ def train(config: TrainConfig) -> Path:
 
     base_test = None
     if state.step == 0:  # z = 1 still: the policy is the base model
-        base_test = evaluate(task, test_rows, tokenizer, engine, config)
+        base_test = evaluate(task, test_rows, tokenizer, engine, config, accelerator)
         log_metrics({"step": 0, **{f"base_test/{k}": v for k, v in base_test.items()}})
         report(accelerator, "base model, test", base_test)
 
@@ -168,12 +174,15 @@ def train(config: TrainConfig) -> Path:
         job = bar.add_task("", total=config.steps, completed=state.step)
         while state.step < config.steps:
             step = state.step + 1
-            # 1. Sample prompts and roll out G completions each.
+            # 1. Sample the step's prompts (the same on every rank); each rank rolls out G completions of its share.
             rows = random.Random(config.seed * 1_000_003 + step).sample(train_rows, config.prompts_per_step)
+            rows = rows[rank::world]
             prompts = [chat_ids(tokenizer, task.prompt(row)) for row in rows]
             start = time.perf_counter()
+            seeds = [hash((config.seed, step, i)) % 2**31 for i in range(config.prompts_per_step)][rank::world]
             completions = engine.generate(prompts, Sampling(config.generations_per_prompt, config.temperature,
-                                                            config.top_p, config.max_new_tokens))
+                                                            config.top_p, config.max_new_tokens,
+                                                            seeds if config.seeded_rollouts else None))
             rollout_time = time.perf_counter() - start
 
             # 2. Score them and turn rewards into advantages.
@@ -190,36 +199,47 @@ def train(config: TrainConfig) -> Path:
                 name, error = next(iter(reward_errors.items()))
                 raise TrainingError(f"task {task.name!r}: reward function {name} raised on {failing_rewards} "
                                     f"consecutive steps ({error}); stopped at step {step}")
-            advantage = advantages(rewards, group, config.baseline)
+            all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()  # whole groups per rank
+            advantage = advantages(all_rewards, group, config.baseline).view(world, -1)[rank]
 
             # 3. REINFORCE + KL on z, in micro-batches; W' is composed once for the whole step.
             start = time.perf_counter()
             batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
                                      tokenizer.pad_token_id).to(accelerator.device)
-            total_tokens = max(1, int(batch.completion_mask.sum()))
-            sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0}
+            # Normalised by the whole step's counts, so the ranks' gradients add up to the single-process one.
+            total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
+            sequences = config.prompts_per_step * group
+            engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
+            sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
             with policy_step(model, tokens=int(batch.attention_mask.sum())):
                 for first in range(0, len(batch), config.micro_batch_size):
                     micro = batch[first:first + config.micro_batch_size]
                     micro_adv = advantage[first:first + config.micro_batch_size].to(accelerator.device)
-                    logprobs_all = torch.log_softmax(completion_logits(model, micro), -1)
+                    logprobs_all = torch.log_softmax(completion_logits(model, micro) / config.temperature, -1)
                     logp = of_tokens(logprobs_all, micro.completion_ids)
                     per_token = policy_loss(logp, logp.detach(), micro_adv)
+                    if config.engine_ratio_cap > 0 and engine_logp is not None:  # sampler ≠ trainer numerics
+                        sampled = engine_logp[first:first + config.micro_batch_size].to(accelerator.device)
+                        per_token = per_token * torch.exp(logp.detach() - sampled).clamp(max=config.engine_ratio_cap)
                     kl = torch.zeros_like(logp)
                     if config.kl_coef > 0:
                         with torch.no_grad(), reference_mode(model):
-                            ref_all = torch.log_softmax(completion_logits(model, micro), -1)
+                            ref_all = torch.log_softmax(completion_logits(model, micro) / config.temperature, -1)
                         ref_logp = of_tokens(ref_all, micro.completion_ids)
                         kl = kl_per_token(logp, ref_logp, config.kl_estimator, logprobs_all, ref_all)
                         per_token = per_token + config.kl_coef * kl
                     loss = aggregate(per_token, micro.completion_mask, config.loss_aggregation, total_tokens,
-                                     len(batch))
+                                     sequences)
                     accelerator.backward(loss)
                     with torch.no_grad():
                         mask = micro.completion_mask
-                        sums["loss"] += loss.item()
-                        sums["kl"] += (kl * mask).sum().item() / total_tokens
-                        sums["entropy"] += (entropy(logprobs_all) * mask).sum().item() / total_tokens
+                        sums += torch.stack([loss.detach(), (kl * mask).sum() / total_tokens,
+                                             (entropy(logprobs_all) * mask).sum() / total_tokens])
+            sums = dict(zip(("loss", "kl", "entropy"), accelerator.reduce(sums, "sum").tolist(), strict=True))
+            if world > 1:  # all-reduce z's gradient: the only trainable parameters, a few hundred KB at most
+                flat = accelerator.reduce(torch.cat([z.grad.flatten() for z in z_params]), "sum")
+                for z, grad in zip(z_params, flat.split([z.numel() for z in z_params]), strict=True):
+                    z.grad.copy_(grad.view_as(z))
             grad_norm = torch.nn.utils.clip_grad_norm_(z_params, config.max_grad_norm)
             if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -241,15 +261,18 @@ def train(config: TrainConfig) -> Path:
 
             # 4. Log what happened.
             deviation = torch.cat([(z.detach() - 1).abs() for z in z_params])
+            checksum = accelerator.gather(torch.cat([z.detach().double().flatten() for z in z_params]).sum()[None])
             generated = sum(len(c.ids) for c in completions)
+            all_per_func = {name: sum((part[name] for part in gather_object([per_func])), []) for name in per_func}
             record = {
-                "step": step, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                **{f"reward/{name}": mean_of(values) for name, values in per_func.items()},
+                "step": step, "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+                **{f"reward/{name}": mean_of(values) for name, values in all_per_func.items()},
                 **{k: v for k, v in sums.items()}, "grad_norm": grad_norm.item(),
                 "z_dev_mean": deviation.mean().item(), "z_dev_max": deviation.max().item(),
                 "completion_len": generated / len(completions), "lr": scheduler.get_last_lr()[0],
                 "rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time,
                 "rollout_tok_s": generated / max(rollout_time, 1e-9),
+                "z_rank_spread": (checksum.max() - checksum.min()).item(),  # 0 unless the ranks' z diverged
             }
             log_metrics(record)
             bar.update(job, advance=1, description=f"reward {record['reward']:.3f}  kl {record['kl']:.2e}  "
@@ -257,7 +280,7 @@ def train(config: TrainConfig) -> Path:
 
             # 5. Evaluate, keep the best expert, checkpoint.
             if step % config.eval_every == 0 or step == config.steps:
-                result = evaluate(task, validation_rows, tokenizer, engine, config)
+                result = evaluate(task, validation_rows, tokenizer, engine, config, accelerator)
                 log_metrics({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
                 bar.console.print(f"step {step}: validation accuracy {format_accuracy(result)}")
                 if result["accuracy"] > state.best_accuracy:
@@ -270,10 +293,11 @@ def train(config: TrainConfig) -> Path:
                 save_checkpoint(accelerator, output_dir, step)
 
     # Final: the best expert on validation, scored on the test split.
+    accelerator.wait_for_everyone()
     if best_path.exists():
         apply_expert(model, load_expert(best_path), fingerprint)
         engine.update_weights()
-    final_test = evaluate(task, test_rows, tokenizer, engine, config)
+    final_test = evaluate(task, test_rows, tokenizer, engine, config, accelerator)
     log_metrics({"step": state.step, **{f"test/{k}": v for k, v in final_test.items()}})
     scores = {"validation_accuracy": state.best_accuracy, "test_accuracy": final_test["accuracy"],
               "test_n": final_test["n"]}
@@ -289,6 +313,25 @@ def train(config: TrainConfig) -> Path:
     accelerator.print(f"expert written to {expert_path}")
     accelerator.end_training()
     return expert_path
+
+
+def make_engine(config: TrainConfig, model, tokenizer):
+    if config.engine == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, resolve_model_path(config.model), seed=config.seed,
+                          gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    return HFEngine(model, tokenizer)
+
+
+def pad_logprobs(logprobs: list[list[float] | None], width: int) -> torch.Tensor | None:
+    """The engine's sampled-token log-probs as [B, width], or None when the engine gives none."""
+    if any(lp is None for lp in logprobs):
+        return None
+    padded = torch.zeros(len(logprobs), width)
+    for row, values in enumerate(logprobs):
+        padded[row, :len(values)] = torch.tensor(values)
+    return padded
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
