@@ -52,3 +52,12 @@ def test_cli_reports_a_bad_key_in_one_line(capsys):
     assert main(["train", "lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("svf-rl train: error: unknown config key 'lrr'") and "\n" not in err
+
+
+def test_every_launch_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "launch").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        load_config(str(path), [])

@@ -1,0 +1,95 @@
+"""Rollout engines side by side on the embedded default: HF `generate` vs vLLM colocated, and vLLM's weight sync.
+
+One process, one model with SVF on the MLPs. For each engine: median over `--repeats` of sampling P prompts ×
+G completions (temperature 1) after a warm-up, as generated tokens/s. For vLLM also: the time to push W' after
+a z change (compose included), its share of a full step (rollout + SVF update + sync), and rollout tokens/s
+with the sync included vs without.
+
+    python benchmarks/bench_engines.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--tokens", type=str, default="12,64", help="max new tokens, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from svf_rl.base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_model_path
+    from svf_rl.engine import HFEngine, Sampling
+    from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
+    from svf_rl.svf import apply_svf, policy_step, svf_layers
+    from svf_rl.task import load_task
+    from svf_rl.train import chat_ids
+    from svf_rl.vllm_engine import VLLMEngine
+
+    path = resolve_model_path(EMBEDDED_MODEL)
+    model, tokenizer = load_base_model(path)
+    apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
+    task = load_task("arithmetic")
+    prompts = [chat_ids(tokenizer, task.prompt(r)) for r in task.rows("train", args.prompts, 0)]
+    engines = {"hf": HFEngine(model, tokenizer), "vllm": VLLMEngine(model, tokenizer, path)}
+
+    print(f"| max new tokens | engine | rollout s | tokens/s |\n|---:|---|---:|---:|")
+    speeds = {}
+    for tokens in map(int, args.tokens.split(",")):
+        sampling = Sampling(args.generations, 1.0, 1.0, tokens)
+        for name, engine in engines.items():
+            engine.generate(prompts, sampling)  # warm-up
+            seconds, completions = timed(lambda e=engine: e.generate(prompts, sampling), args.repeats)
+            generated = sum(len(c.ids) for c in completions)
+            speeds[tokens, name] = generated / seconds
+            print(f"| {tokens} | {name} | {seconds:.2f} | {generated / seconds:.0f} |")
+    for tokens in map(int, args.tokens.split(",")):
+        print(f"vLLM / HF tokens/s at {tokens} new tokens: {speeds[tokens, 'vllm'] / speeds[tokens, 'hf']:.2f}")
+
+    # A full step on the vLLM engine: rollout, SVF update, weight push.
+    vllm, z_params = engines["vllm"], [layer.z for layer in svf_layers(model).values()]
+    optimizer = torch.optim.AdamW(z_params, lr=1e-3)
+    sampling = Sampling(args.generations, 1.0, 1.0, int(args.tokens.split(",")[0]))
+    rollout, update, sync = [], [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        completions = vllm.generate(prompts, sampling)
+        rollout.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
+                                 tokenizer.pad_token_id)
+        with policy_step(model, tokens=int(batch.attention_mask.sum())):
+            logp = of_tokens(torch.log_softmax(completion_logits(model, batch), -1), batch.completion_ids)
+            (-(logp * batch.completion_mask).sum() / batch.completion_mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        update.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        vllm.update_weights()
+        sync.append(time.perf_counter() - start)
+    r, u, s = (statistics.median(x) for x in (rollout, update, sync))
+    print(f"\nstep on vLLM: rollout {r:.2f} s, update {u:.2f} s, sync {s:.2f} s "
+          f"({len(z_params)} matrices, compose included)")
+    print(f"sync share of step: {s / (r + u + s):.1%}")
+    print(f"rollout tokens/s with sync / without: {r / (r + s):.2f}")
+
+
+if __name__ == "__main__":
+    main()
