@@ -50,13 +50,13 @@ def main() -> None:
     prompts = [chat_ids(tokenizer, task.prompt(r)) for r in task.rows("train", args.prompts, 0)]
     engines = {"hf": HFEngine(model, tokenizer), "vllm": VLLMEngine(model, tokenizer, path)}
 
-    print(f"| max new tokens | engine | rollout s | tokens/s |\n|---:|---|---:|---:|")
+    print("| max new tokens | engine | rollout s | tokens/s |\n|---:|---|---:|---:|")
     speeds = {}
     for tokens in map(int, args.tokens.split(",")):
         sampling = Sampling(args.generations, 1.0, 1.0, tokens)
         for name, engine in engines.items():
             engine.generate(prompts, sampling)  # warm-up
-            seconds, completions = timed(lambda e=engine: e.generate(prompts, sampling), args.repeats)
+            seconds, completions = timed(lambda e=engine, s=sampling: e.generate(prompts, s), args.repeats)
             generated = sum(len(c.ids) for c in completions)
             speeds[tokens, name] = generated / seconds
             print(f"| {tokens} | {name} | {seconds:.2f} | {generated / seconds:.0f} |")

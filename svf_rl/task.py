@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .rewards import as_completion
+from .rewards import as_completion, reward_name
 
 ENTRY_POINT_GROUP = "svf_rl.tasks"
 RewardFunc = Callable[..., list]  # TRL's signature: f(prompts, completions, **columns) -> list[float | None]
@@ -78,7 +78,7 @@ def check_reward_columns(task: Task, row: dict) -> None:
             needed = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
             if needed and p.name not in ("prompts", "completions", "completion_ids") and p.name not in row:
                 have = ", ".join(sorted(k for k in row if k != "prompt"))
-                raise TaskError(f"task {task.name!r}: reward function {getattr(func, '__name__', func)} needs "
+                raise TaskError(f"task {task.name!r}: reward function {reward_name(func)} needs "
                                 f"column {p.name!r}, which its rows lack (they have: {have})")
 
 

@@ -92,7 +92,7 @@ def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, acc
 def safe_score(task, completion: str, row: dict) -> float:
     try:
         return task.score(completion, row)
-    except Exception as err:  # scored as wrong; training stops the function if it keeps failing there
+    except Exception as err:  # counted as wrong; a reward that keeps raising stops the run in the training loop
         log.warning("task %s: score raised %s: %s; counted as wrong", task.name, type(err).__name__, err)
         return 0.0
 
@@ -177,7 +177,8 @@ def train(config: TrainConfig) -> Path:
             # 1. Sample the step's prompts (the same on every rank); each rank rolls out G completions of its share.
             rows = random.Random(config.seed * 1_000_003 + step).sample(train_rows, config.prompts_per_step)
             rows = rows[rank::world]
-            prompts = [chat_ids(tokenizer, task.prompt(row)) for row in rows]
+            conversations = [task.prompt(row) for row in rows]
+            prompts = [chat_ids(tokenizer, messages) for messages in conversations]
             start = time.perf_counter()
             seeds = [hash((config.seed, step, i)) % 2**31 for i in range(config.prompts_per_step)][rank::world]
             completions = engine.generate(prompts, Sampling(config.generations_per_prompt, config.temperature,
@@ -189,7 +190,7 @@ def train(config: TrainConfig) -> Path:
             group = config.generations_per_prompt
             repeated = [row for row in rows for _ in range(group)]
             columns = {key: [row[key] for row in repeated] for key in rows[0] if key != "prompt"}
-            messages = [task.prompt(row) for row in repeated]
+            messages = [m for m in conversations for _ in range(group)]
             texts = [as_completion(m, c.text) for m, c in zip(messages, completions, strict=True)]
             rewards, per_func, reward_errors = score_completions(
                 reward_funcs, weights, messages, texts, {**columns, "completion_ids": [c.ids for c in completions]},

@@ -9,7 +9,7 @@ from svf_rl.base_model import cache_root, load_base_model
 from svf_rl.engine import Sampling
 from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
 from svf_rl.svf import apply_svf, policy_step, svf_layers
-from svf_rl.train import chat_ids
+from svf_rl.train import chat_ids, pad_logprobs
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]
@@ -44,9 +44,7 @@ def test_weights_pushed_after_a_step_match_the_trainer(smollm2_path):
 
     after = engine.generate(prompts, sampling)
     new_logp, new_mask = trainer_logprobs(model, after, tokenizer.pad_token_id)
-    engine_logp = torch.zeros_like(new_logp)
-    for row, c in enumerate(after):
-        engine_logp[row, :len(c.logprobs)] = torch.tensor(c.logprobs)
+    engine_logp = pad_logprobs([c.logprobs for c in after], new_logp.shape[1])
     gap = ((engine_logp - new_logp).abs() * new_mask).max().item()
     assert gap < 1e-3, f"vLLM and trainer disagree by {gap} after the push"
     stale, _ = trainer_logprobs(load_base_model(smollm2_path)[0], after, tokenizer.pad_token_id)
