@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from .svf import svf_layers
+
 
 @dataclass
 class Sampling:
@@ -53,7 +55,8 @@ class HFEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
 
     def update_weights(self) -> None:
-        pass  # same module: W' recomposes lazily when z has changed
+        for layer in svf_layers(self.model).values():  # same module: W' recomposes on its next use
+            layer.invalidate()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:

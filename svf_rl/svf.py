@@ -35,6 +35,7 @@ class SVFLinear(nn.Module):
         self.z = nn.Parameter(torch.ones_like(s, dtype=torch.float32))
         self.strategy = strategy
         self.use_reference = False
+        self.sharded = False  # ZeRO-3: the factors exist only inside forwards, so W' is never cached
         self._policy_weight: torch.Tensor | None = None
         self._policy_key: tuple | None = None
         self._reference_weight: torch.Tensor | None = None
@@ -78,6 +79,10 @@ class SVFLinear(nn.Module):
             self._policy_key = key
         return self._policy_weight
 
+    def invalidate(self) -> None:
+        """Recompose the cached W' on next use: z was changed behind autograd's back (e.g. by a collective)."""
+        self._policy_key = None
+
     def begin_step(self, tokens: int) -> None:
         """Compose W' once for every micro-batch of an optimiser step, if composing is the cheaper strategy."""
         if self.choose_strategy(tokens) == "compose":
@@ -91,13 +96,15 @@ class SVFLinear(nn.Module):
         self._step_graph = self._step_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_reference or not (torch.is_grad_enabled() and self.z.requires_grad):
+        trains = torch.is_grad_enabled() and self.z.requires_grad and not self.use_reference
+        if not (trains or self.sharded):
             return F.linear(x, self.weight_for_inference(), self.bias)
-        if self._step_weight is not None:
+        if self._step_weight is not None and trains:
             return F.linear(x, self._step_weight, self.bias)
+        z = self.z if not self.use_reference else torch.ones_like(self.z)
         if self.choose_strategy(x.numel() // x.shape[-1]) == "compose":
-            return F.linear(x, self.compose(self.z), self.bias)
-        scaled = F.linear(x, self.Vh) * (self.s * self.z).to(x.dtype)
+            return F.linear(x, self.compose(z), self.bias)
+        scaled = F.linear(x, self.Vh) * (self.s * z).to(x.dtype)
         return F.linear(scaled, self.U, self.bias)
 
     def extra_repr(self) -> str:
@@ -168,9 +175,12 @@ def load_z(model: nn.Module, vectors: dict[str, torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def policy_step(model: nn.Module, tokens: int) -> Iterator[None]:
-    """Scope of one optimiser step over `tokens` rows: layers that compose do it once; z.grad is set on exit."""
-    layers = list(svf_layers(model).values())
+def policy_step(model: nn.Module, tokens: int, compose_once: bool = True) -> Iterator[None]:
+    """Scope of one optimiser step over `tokens` rows: layers that compose do it once; z.grad is set on exit.
+
+    With compose_once=False each forward builds its own graph to z, so z's gradient arrives in each backward.
+    """
+    layers = list(svf_layers(model).values()) if compose_once else []
     for layer in layers:
         layer.begin_step(tokens)
     try:

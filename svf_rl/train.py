@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from .base_model import cache_root, load_base_model, resolve_model_path
 from .config import TrainConfig, config_dict
@@ -35,6 +36,7 @@ from .run_files import (
 from .svd import model_fingerprint
 from .svf import apply_expert, apply_svf, load_z, policy_step, reference_mode, svf_layers, z_vectors
 from .task import check_reward_columns, load_task
+from .update import make_update, whole_matrices
 
 log = logging.getLogger("svf_rl")
 
@@ -57,20 +59,6 @@ class RunState:
         self.step, self.best_accuracy = state["step"], state["best_accuracy"]
 
 
-def lr_lambda(config: TrainConfig):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        if config.lr_schedule == "linear":
-            return max(0.0, 1 - progress)
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
-
-
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)
@@ -80,9 +68,12 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, accelerator: Accelerator) -> dict:
     """Greedy held-out accuracy with its 95% interval; each rank scores its share of the rows."""
     mine = rows[accelerator.process_index::accelerator.num_processes]
-    prompts = [chat_ids(tokenizer, task.prompt(row)) for row in mine]
+    # Every rank generates for as many rows (ZeRO-3 forwards are collective); the padding is not scored.
+    share = -(-len(rows) // accelerator.num_processes)
+    padded = mine + rows[:share - len(mine)]
+    prompts = [chat_ids(tokenizer, task.prompt(row)) for row in padded]
     sampling = Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
-    completions = engine.generate(prompts, sampling) if prompts else []
+    completions = engine.generate(prompts, sampling)[:len(mine)]
     correct = sum(safe_score(task, c.text, row) for c, row in zip(completions, mine, strict=True))
     correct = accelerator.reduce(torch.tensor(float(correct), device=accelerator.device), "sum").item()
     low, high = wilson_interval(correct, len(rows))
@@ -102,7 +93,7 @@ def train(config: TrainConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(log_with=available_trackers(config.log_with) or None, project_dir=str(output_dir))
+    accelerator = make_accelerator(config, output_dir)
     set_seed(config.seed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if config.prompts_per_step % world:
@@ -123,25 +114,24 @@ def train(config: TrainConfig) -> Path:
     validation_rows = task.rows("validation", config.eval_size, config.seed)
     test_rows = task.rows("test", config.test_size, config.seed)
     check_reward_columns(task, train_rows[0])
-    model, tokenizer = load_base_model(config.model)
+    with whole_matrices(accelerator):
+        model, tokenizer = load_base_model(config.model)
     fingerprint = model_fingerprint(model)
     apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
     model.to(accelerator.device)
+    update = make_update(accelerator, model, config)  # AdamW on z; DeepSpeed's engine when launched with it
+    policy = update.module  # what training forwards call: the model, or the DeepSpeed engine around it
     engine = make_engine(config, model, tokenizer)
-
     z_params = [layer.z for layer in svf_layers(model).values()]
-    optimizer = torch.optim.AdamW(z_params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     state = RunState(model)
     accelerator.register_for_checkpointing(state)
 
     metrics_path, best_path = output_dir / "metrics.jsonl", output_dir / "expert_best.safetensors"
     checkpoints = checkpoint_dirs(output_dir) if config.resume else []
     if checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        log.info("resumed from %s (step %d)", checkpoints[-1], state.step)
+        accelerator.load_state(str(checkpoints[-1]), **update.load_kwargs)
         if main:
+            log.info("resumed from %s (step %d)", checkpoints[-1], state.step)
             truncate_metrics(metrics_path, state.step)
     elif main:
         metrics_path.unlink(missing_ok=True)
@@ -212,11 +202,11 @@ def train(config: TrainConfig) -> Path:
             sequences = config.prompts_per_step * group
             engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
             sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
-            with policy_step(model, tokens=int(batch.attention_mask.sum())):
+            with policy_step(model, int(batch.attention_mask.sum()), update.compose_once_per_step):
                 for first in range(0, len(batch), config.micro_batch_size):
                     micro = batch[first:first + config.micro_batch_size]
                     micro_adv = advantage[first:first + config.micro_batch_size].to(accelerator.device)
-                    logprobs_all = torch.log_softmax(completion_logits(model, micro) / config.temperature, -1)
+                    logprobs_all = torch.log_softmax(completion_logits(policy, micro) / config.temperature, -1)
                     logp = of_tokens(logprobs_all, micro.completion_ids)
                     per_token = policy_loss(logp, logp.detach(), micro_adv)
                     if config.engine_ratio_cap > 0 and engine_logp is not None:  # sampler ≠ trainer numerics
@@ -225,25 +215,20 @@ def train(config: TrainConfig) -> Path:
                     kl = torch.zeros_like(logp)
                     if config.kl_coef > 0:
                         with torch.no_grad(), reference_mode(model):
-                            ref_all = torch.log_softmax(completion_logits(model, micro) / config.temperature, -1)
+                            ref_all = torch.log_softmax(completion_logits(policy, micro) / config.temperature, -1)
                         ref_logp = of_tokens(ref_all, micro.completion_ids)
                         kl = kl_per_token(logp, ref_logp, config.kl_estimator, logprobs_all, ref_all)
                         per_token = per_token + config.kl_coef * kl
                     loss = aggregate(per_token, micro.completion_mask, config.loss_aggregation, total_tokens,
                                      sequences)
-                    accelerator.backward(loss)
+                    update.backward(loss, last=first + config.micro_batch_size >= len(batch))
                     with torch.no_grad():
                         mask = micro.completion_mask
                         sums += torch.stack([loss.detach(), (kl * mask).sum() / total_tokens,
                                              (entropy(logprobs_all) * mask).sum() / total_tokens])
             sums = dict(zip(("loss", "kl", "entropy"), accelerator.reduce(sums, "sum").tolist(), strict=True))
-            if world > 1:  # all-reduce z's gradient: the only trainable parameters, a few hundred KB at most
-                flat = accelerator.reduce(torch.cat([z.grad.flatten() for z in z_params]), "sum")
-                for z, grad in zip(z_params, flat.split([z.numel() for z in z_params]), strict=True):
-                    z.grad.copy_(grad.view_as(z))
-            grad_norm = torch.nn.utils.clip_grad_norm_(z_params, config.max_grad_norm)
-            if not (math.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = update.step()  # all ranks' gradient, clipped; not applied when it is not finite
+            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 bad_steps += 1
                 log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, bad_steps)
                 if bad_steps >= config.max_bad_steps:
@@ -251,9 +236,6 @@ def train(config: TrainConfig) -> Path:
                                         f"last checkpoint kept in {output_dir / 'checkpoints'}")
             else:
                 bad_steps = 0
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
             update_time = time.perf_counter() - start
             start = time.perf_counter()
             engine.update_weights()
@@ -268,9 +250,9 @@ def train(config: TrainConfig) -> Path:
             record = {
                 "step": step, "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                 **{f"reward/{name}": mean_of(values) for name, values in all_per_func.items()},
-                **{k: v for k, v in sums.items()}, "grad_norm": grad_norm.item(),
+                **{k: v for k, v in sums.items()}, "grad_norm": grad_norm,
                 "z_dev_mean": deviation.mean().item(), "z_dev_max": deviation.max().item(),
-                "completion_len": generated / len(completions), "lr": scheduler.get_last_lr()[0],
+                "completion_len": generated / len(completions), "lr": update.lr(),
                 "rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time,
                 "rollout_tok_s": generated / max(rollout_time, 1e-9),
                 "z_rank_spread": (checksum.max() - checksum.min()).item(),  # 0 unless the ranks' z diverged
@@ -283,7 +265,8 @@ def train(config: TrainConfig) -> Path:
             if step % config.eval_every == 0 or step == config.steps:
                 result = evaluate(task, validation_rows, tokenizer, engine, config, accelerator)
                 log_metrics({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
-                bar.console.print(f"step {step}: validation accuracy {format_accuracy(result)}")
+                if main:
+                    bar.console.print(f"step {step}: validation accuracy {format_accuracy(result)}")
                 if result["accuracy"] > state.best_accuracy:
                     state.best_accuracy = result["accuracy"]
                     if main:
@@ -291,7 +274,7 @@ def train(config: TrainConfig) -> Path:
                 if main:
                     plot_curve(read_metrics(metrics_path), output_dir / "curve.png")
             if step % config.save_every == 0 or step == config.steps:
-                save_checkpoint(accelerator, output_dir, step)
+                save_checkpoint(accelerator, output_dir, step, update.checkpoint_kwargs)
 
     # Final: the best expert on validation, scored on the test split.
     accelerator.wait_for_everyone()
@@ -316,8 +299,23 @@ def train(config: TrainConfig) -> Path:
     return expert_path
 
 
+def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+        # DeepSpeed on CPU needs gloo named explicitly, and would spend a minute compiling its shared-memory op.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(log_with=available_trackers(config.log_with) or None, project_dir=str(output_dir),
+                       kwargs_handlers=handlers)
+
+
 def make_engine(config: TrainConfig, model, tokenizer):
     if config.engine == "vllm":
+        if any(layer.sharded for layer in svf_layers(model).values()):
+            raise TrainingError("engine=vllm is not supported with DeepSpeed ZeRO-3 yet (it would gather every "
+                                "layer to compose W'); use ZeRO-2, DDP or engine=hf")
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer, resolve_model_path(config.model), seed=config.seed,
@@ -335,13 +333,13 @@ def pad_logprobs(logprobs: list[list[float] | None], width: int) -> torch.Tensor
     return padded
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, kwargs: dict) -> None:
     """accelerate state (z, optimiser, scheduler, RNG) written to a staging dir, then renamed in one step."""
     staging = output_dir / "checkpoints" / f".staging_{step:06d}"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    accelerator.save_state(str(staging), **kwargs)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_checkpoint(staging, output_dir, step)

@@ -1,11 +1,16 @@
-"""Two CPU processes (gloo) train the same z as one process with the same global batch and seed."""
+"""Two CPU processes (gloo) train the same z as one process with the same global batch and seed.
+
+Each backend is launched with the accelerate config shipped in launch/accelerate/, as a user would.
+"""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from svf_rl.expert import load_expert
@@ -13,29 +18,72 @@ from svf_rl.export import export_checkpoint
 from svf_rl.train import train
 from tests.test_train import tiny_config
 
-SHARED = dict(steps=2, prompts_per_step=4, generations_per_prompt=2, seeded_rollouts=True, save_every=2,
-              eval_every=2, baseline="mean", kl_coef=0.05, kl_estimator="k3")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = dict(prompts_per_step=4, generations_per_prompt=2, seeded_rollouts=True, micro_batch_size=2,
+              baseline="mean", kl_coef=0.05, kl_estimator="k3")
+BACKENDS = {  # accelerate config, extra environment
+    "ddp": ("ddp.yaml", {"ACCELERATE_USE_CPU": "1"}),  # MULTI_GPU without a GPU: gloo DDP
+    "zero2": ("zero2.yaml", {}),
+    "zero3": ("zero3.yaml", {}),
+}
 
 
-def final_z(run: Path) -> dict:
-    return load_expert(export_checkpoint(str(run), str(run / "final.safetensors"))).vectors
+@pytest.fixture(scope="module")
+def single_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """The reference: one process, 3 steps, a checkpoint after every step."""
+    config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("single"), steps=3, save_every=1, eval_every=3,
+                         **SHARED)
+    train(config)
+    return Path(config.output_dir)
 
 
-def test_two_process_ddp_matches_one_process(tiny_model_dir, tmp_path):
-    single = tiny_config(tiny_model_dir, tmp_path / "single", **SHARED)
-    train(single)
-    double = tiny_config(tiny_model_dir, tmp_path / "double", **SHARED)
-    overrides = [f"{k}={v}" for k, v in vars(double).items() if k not in ("task_args", "log_with", "reward_weights")]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+def z_at(run: Path, step: int) -> dict:
+    checkpoint = run / "checkpoints" / f"step_{step:06d}"
+    return load_expert(export_checkpoint(str(checkpoint), str(run / f"z_{step}.safetensors"))).vectors
+
+
+def step_metrics(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if "reward" in record]
+
+
+def launch(backend: str, config, port: int) -> str:
+    """Run `accelerate launch` with 2 processes; return what they printed."""
+    config_file, extra_env = BACKENDS[backend]
+    overrides = [f"{k}={v}" for k, v in vars(config).items() if k not in ("task_args", "log_with", "reward_weights")]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", **extra_env)
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-         "-m", "svf_rl", "train", *overrides, "log_with=[]"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "accelerate.commands.launch",
+         "--config_file", str(ROOT / "launch" / "accelerate" / config_file), "--num_processes", "2",
+         "--main_process_port", str(port), "-m", "svf_rl", "train", *overrides, "log_with=[]"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    steps = [json.loads(line) for line in (Path(double.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [s["z_rank_spread"] for s in steps if "reward" in s] == [0.0, 0.0]  # z identical on both ranks
-    single_z, double_z = final_z(Path(single.output_dir)), final_z(Path(double.output_dir))
-    assert max((single_z[k] - 1).abs().max().item() for k in single_z) > 1e-3  # it trained
-    for name in single_z:
-        torch.testing.assert_close(double_z[name], single_z[name], rtol=0, atol=1e-5)
+    return result.stdout + result.stderr
+
+
+def assert_same_z(got: dict, want: dict) -> None:
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_processes_match_one_process(backend, single_run, tiny_model_dir, tmp_path):
+    port = 29517 + list(BACKENDS).index(backend)
+    config = tiny_config(tiny_model_dir, tmp_path / backend, steps=2, save_every=2, eval_every=2, **SHARED)
+    output = launch(backend, config, port)
+    run = Path(config.output_dir)
+    steps, reference = step_metrics(run), step_metrics(single_run)
+    assert [s["z_rank_spread"] for s in steps] == [0.0, 0.0]  # z identical on both ranks after every step
+    # Adam hides a wrongly scaled gradient (it normalises); the gradient norm does not.
+    for got, want in zip(steps, reference[:2], strict=False):
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert max((z - 1).abs().max().item() for z in z_at(single_run, 2).values()) > 1e-3  # it trained
+    assert_same_z(z_at(run, 2), z_at(single_run, 2))
+    if backend == "zero3":
+        assert "each rank holds 50% of the model's parameters" in output  # the factors really are sharded
+        # Resume the sharded run for one more step: it continues exactly where the single process went.
+        resumed = tiny_config(tiny_model_dir, tmp_path / backend, steps=3, save_every=3, eval_every=3, **SHARED)
+        assert re.search(r"resumed from \S+step_000002 \(step 2\)", launch(backend, resumed, port))
+        assert [s["step"] for s in step_metrics(run)] == [1, 2, 3]
+        assert_same_z(z_at(run, 3), z_at(single_run, 3))

@@ -1,0 +1,152 @@
+"""How a step's loss becomes an update of z: plain torch (any number of ranks), or DeepSpeed ZeRO 1-3.
+
+Both give every rank the gradient of the whole step's loss (the loop normalises the loss by the step's
+global counts, so the ranks' gradients add up), clip it to `max_grad_norm`, skip the update when it is
+not finite, and step AdamW and the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from .config import TrainConfig
+from .svf import svf_layers
+
+
+class UpdateError(ValueError):
+    """The distributed set-up cannot train z; the message says why in one line."""
+
+
+def lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if config.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def make_update(accelerator: Accelerator, model, config: TrainConfig):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return DeepSpeedUpdate(accelerator, model, config)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UpdateError(f"launched with DeepSpeed, but accelerate chose {accelerator.distributed_type.value} "
+                          f"(ACCELERATE_USE_CPU=1 or --cpu turns DeepSpeed off; leave them out, it runs on CPU)")
+    return TorchUpdate(accelerator, model, config)
+
+
+@contextlib.contextmanager
+def whole_matrices(accelerator: Accelerator):
+    """Load the base model unsharded: the SVD needs whole matrices; ZeRO-3 shards the factors at prepare."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # from_pretrained would otherwise partition each weight as it loads
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # generate() then keeps ZeRO-3 ranks in step
+
+
+def _optimizer(model, config: TrainConfig):
+    z_params = [layer.z for layer in svf_layers(model).values()]
+    optimizer = torch.optim.AdamW(z_params, lr=config.lr, weight_decay=config.weight_decay)
+    return z_params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+
+
+class TorchUpdate:
+    """z's gradient is summed over ranks in one flat all-reduce (a few hundred KB), clipped, and AdamW steps.
+
+    No DDP wrapper: W' is composed once per step and ∂L/∂W' reaches z at the end of `policy_step`,
+    which DDP's gradient hooks would not see.
+    """
+
+    compose_once_per_step = True
+
+    def __init__(self, accelerator: Accelerator, model, config: TrainConfig):
+        self.accelerator, self.max_grad_norm, self.module = accelerator, config.max_grad_norm, model
+        self.checkpoint_kwargs, self.load_kwargs = {}, {}
+        self.z_params, optimizer, scheduler = _optimizer(model, config)
+        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> float:
+        """Apply the accumulated gradient; return its norm before clipping (not finite: nothing was applied)."""
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(torch.cat([z.grad.flatten() for z in self.z_params]), "sum")
+            for z, grad in zip(self.z_params, flat.split([z.numel() for z in self.z_params]), strict=True):
+                z.grad.copy_(grad.view_as(z))
+        norm = torch.nn.utils.clip_grad_norm_(self.z_params, self.max_grad_norm).item()
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+class DeepSpeedUpdate:
+    """DeepSpeed's engine owns z's gradient: it reduces and partitions it (ZeRO-1/2), clips and steps.
+
+    ZeRO-3 also shards the frozen U, s, Vᵀ (parameters for that reason) and gathers them layer by layer
+    inside forwards; the layers then compute W' in each forward instead of caching it, and z stays whole
+    on every rank (below the persistence threshold), so reading and logging it needs no gather.
+    """
+
+    compose_once_per_step = False  # z's gradient must arrive inside the engine's backward
+
+    def __init__(self, accelerator: Accelerator, model, config: TrainConfig):
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        for precision in ("bf16", "fp16"):
+            if ds_config.get(precision, {}).get("enabled") in (True, "true"):
+                raise UpdateError(f"DeepSpeed {precision} would store z in 16 bits, where its updates (about "
+                                  f"1e-3) round away; use mixed_precision: no (the factors keep the model's dtype)")
+        z_params, optimizer, scheduler = _optimizer(model, config)
+        # The loop accumulates micro-batches itself and marks the last one; DeepSpeed must not rescale.
+        ds_config.update(train_micro_batch_size_per_gpu=config.micro_batch_size, gradient_accumulation_steps=1,
+                         gradient_clipping=config.max_grad_norm)
+        zero = ds_config.setdefault("zero_optimization", {})
+        if int(zero.get("stage", 0)) == 3:
+            zero["stage3_param_persistence_threshold"] = max(z.numel() for z in z_params)
+            for layer in svf_layers(model).values():
+                layer.sharded = True
+        self.engine, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.module = self.engine  # training forwards go through the engine: it counts micro-batches there
+        if int(zero.get("stage", 0)) == 3 and accelerator.is_main_process:
+            params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+            held = sum(p.ds_tensor.numel() for p in params) / max(1, sum(p.ds_numel for p in params))
+            print(f"ZeRO-3: each rank holds {100 * held:.0f}% of the model's parameters (factors included)")
+        self.world = accelerator.num_processes
+        # Only z is saved: the frozen factors are the base model's, and rebuilt from its SVD on resume.
+        self.checkpoint_kwargs = {"exclude_frozen_parameters": True}
+        self.load_kwargs = {"load_module_strict": False}
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        # DeepSpeed averages gradients over ranks; the loss is normalised by the whole step's counts already.
+        self.engine.backward(loss * self.world)
+
+    def step(self) -> float:
+        self.engine.step()  # skips the update, and reports an infinite norm, when the gradient is not finite
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
