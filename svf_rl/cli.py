@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, load_config
     from .expert import ExpertError
     from .train import TrainingError
+    from .vllm_engine import VLLMServerError
 
     try:
         if args.command == "train":
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, target in sorted(available_tasks().items()):
                 print(f"{name:20s} {describe_task(name)}  [{target}]")
-    except (ConfigError, ExpertError, TrainingError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ExpertError, TrainingError, VLLMServerError, FileNotFoundError, ValueError) as err:
         print(f"svf-rl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -24,9 +24,11 @@ class TrainConfig:
     reward_weights: list = field(default_factory=list)  # one per reward function; empty = the task's own
     train_size: int = 5000  # training problems drawn from the task
     # Rollouts
-    engine: str = "hf"  # hf | vllm (colocated in the trainer process)
+    engine: str = "hf"  # hf | vllm (colocated in the trainer process) | vllm_server (launch/vllm_server.sh)
     engine_ratio_cap: float = 0.0  # > 0: weight tokens by min(π_trainer/π_engine, cap) for the sampler's numerics
     vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory for vLLM's weights and KV cache
+    vllm_server_urls: list = field(default_factory=lambda: ["http://localhost:8000"])  # engine=vllm_server
+    vllm_server_timeout: float = 300.0  # seconds to wait for the servers to answer at start-up
     prompts_per_step: int = 8
     generations_per_prompt: int = 4
     max_new_tokens: int = 12
@@ -64,7 +66,7 @@ class TrainConfig:
 
 CHOICES = {
     "forward_strategy": ("auto", "compose", "factored"),
-    "engine": ("hf", "vllm"),
+    "engine": ("hf", "vllm", "vllm_server"),
     "baseline": ("none", "mean", "rloo", "grpo"),
     "kl_estimator": ("k1", "k3", "full"),
     "loss_aggregation": ("token_mean", "sequence_mean", "sequence_sum"),

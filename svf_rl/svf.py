@@ -21,6 +21,11 @@ TARGET_PRESETS = {
 STRATEGIES = ("auto", "compose", "factored")
 
 
+def compose_weight(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """W' = U diag(s ⊙ z) Vᵀ, composed in fp32 and cast to the factors' dtype."""
+    return ((U.float() * (s.float() * z)) @ Vh.float()).to(U.dtype)
+
+
 class SVFLinear(nn.Module):
     """A linear layer stored as frozen SVD factors and a trainable fp32 scale z on the singular values."""
 
@@ -51,8 +56,7 @@ class SVFLinear(nn.Module):
         return self.Vh.shape[1]
 
     def compose(self, z: torch.Tensor) -> torch.Tensor:
-        """W' = U diag(s ⊙ z) Vᵀ, composed in fp32 and cast to the factors' dtype."""
-        return ((self.U.float() * (self.s.float() * z)) @ self.Vh.float()).to(self.U.dtype)
+        return compose_weight(self.U, self.s, self.Vh, z)
 
     def choose_strategy(self, tokens: int) -> str:
         """Pick the cheaper way to get a gradient to z for a forward over `tokens` rows (FLOPs, fwd+bwd)."""

@@ -121,7 +121,7 @@ def train(config: TrainConfig) -> Path:
     model.to(accelerator.device)
     update = make_update(accelerator, model, config)  # AdamW on z; DeepSpeed's engine when launched with it
     policy = update.module  # what training forwards call: the model, or the DeepSpeed engine around it
-    engine = make_engine(config, model, tokenizer)
+    engine = make_engine(config, model, tokenizer, accelerator)
     z_params = [layer.z for layer in svf_layers(model).values()]
     state = RunState(model)
     accelerator.register_for_checkpointing(state)
@@ -311,7 +311,7 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
                        kwargs_handlers=handlers)
 
 
-def make_engine(config: TrainConfig, model, tokenizer):
+def make_engine(config: TrainConfig, model, tokenizer, accelerator: Accelerator):
     if config.engine == "vllm":
         if any(layer.sharded for layer in svf_layers(model).values()):
             raise TrainingError("engine=vllm is not supported with DeepSpeed ZeRO-3 yet (it would gather every "
@@ -320,6 +320,11 @@ def make_engine(config: TrainConfig, model, tokenizer):
 
         return VLLMEngine(model, tokenizer, resolve_model_path(config.model), seed=config.seed,
                           gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    if config.engine == "vllm_server":
+        from .vllm_engine import VLLMServerEngine
+
+        return VLLMServerEngine(model, tokenizer, config.vllm_server_urls, config.vllm_server_timeout,
+                                main=accelerator.is_main_process, wait=accelerator.wait_for_everyone)
     return HFEngine(model, tokenizer)
 
 

@@ -6,14 +6,18 @@ fuses them (qkv, gate_up) and repacks them for its kernels, so nothing here is m
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .engine import Completion, Sampling
-from .svf import svf_layers
+from .svf import svf_layers, z_vectors
+from .vllm_worker import encode_z
 
 
 def _rng_state():
@@ -75,4 +79,95 @@ class VLLMEngine:
                 ids = list(sample.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)]
                 completions.append(Completion(prompt, ids, sample.text, logprobs))
+        return completions
+
+
+class VLLMServerError(RuntimeError):
+    """A vLLM server cannot serve the policy; the message says which one and how to start it right."""
+
+
+class VLLMServerEngine:
+    """Rollouts on vLLM servers of their own (launch/vllm_server.sh), on GPUs the trainer does not use.
+
+    Prompts go out through TRL's VLLMClient, spread over the servers (data parallel; each server may itself be
+    tensor parallel). After each step the main process sends z alone, and every server worker composes W'
+    from the U, s, Vᵀ it holds (svf_rl.vllm_worker); the other ranks wait until the new weights are in.
+    """
+
+    def __init__(self, model, tokenizer, urls: list[str], timeout: float = 300.0, main: bool = True,
+                 wait=lambda: None):
+        import warnings
+
+        with warnings.catch_warnings():  # TRL warns about every vLLM version it was not released with
+            warnings.simplefilter("ignore")
+            from trl.generation.vllm_client import VLLMClient
+
+            self.clients = []
+            for url in urls:
+                try:
+                    self.clients.append(VLLMClient(base_url=url, connection_timeout=timeout))
+                except OSError:  # requests' ConnectionError
+                    raise VLLMServerError(f"no vLLM server answered at {url} within {timeout:.0f} s; start one "
+                                          f"with launch/vllm_server.sh") from None
+        self.model, self.tokenizer, self.main, self.wait = model, tokenizer, main, wait
+        layers = svf_layers(model)
+        expected = {name: float(layer.s.float().sum()) for name, layer in layers.items()}
+        for client in self.clients:
+            for worker in self._rpc(client, "svf_setup", json.dumps({"names": list(layers)})):
+                for name, total in worker.items():  # the same base weights on both sides, or nothing will match
+                    if not math.isclose(total, expected[name], rel_tol=1e-3):
+                        raise VLLMServerError(f"vLLM server {client.base_url} serves other weights than the "
+                                              f"trainer's model for {name} (Σs {total:.4g} vs {expected[name]:.4g})")
+        self.update_weights()
+
+    def _rpc(self, client, method: str, argument: str) -> list:
+        response = client.session.post(f"{client.base_url}/collective_rpc",
+                                       json={"method": method, "args": [argument]}, timeout=600)
+        if response.status_code == 404:
+            raise VLLMServerError(f"vLLM server {client.base_url} has no /collective_rpc; start it with "
+                                  f"VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)")
+        if response.status_code != 200:
+            hint = (" (start it with --worker-extension-cls svf_rl.vllm_worker.SVFWorkerExtension, as "
+                    "launch/vllm_server.sh does)" if method in response.text and "attribute" in response.text
+                    else "")
+            raise VLLMServerError(f"vLLM server {client.base_url}: {method} failed with HTTP "
+                                  f"{response.status_code}: {response.text[:300]}{hint}")
+        return response.json()["results"]
+
+    def update_weights(self) -> None:
+        """The main process sends z to every server; all ranks leave once the servers hold the new weights."""
+        if self.main:
+            payload = encode_z(z_vectors(self.model))
+
+            def push(client):
+                self._rpc(client, "svf_load_z", payload)
+                client.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+            with ThreadPoolExecutor(len(self.clients)) as pool:
+                list(pool.map(push, self.clients))
+        self.wait()
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
+        # One request per prompt when each has its own seed; otherwise one request per server.
+        if sampling.seeds is not None:
+            requests = [([p], seed) for p, seed in zip(prompts, sampling.seeds, strict=True)]
+        else:
+            share = -(-len(prompts) // len(self.clients)) or 1
+            requests = [(prompts[i:i + share], None) for i in range(0, len(prompts), share)]
+
+        def send(indexed):
+            index, (chunk, seed) = indexed
+            client = self.clients[index % len(self.clients)]
+            return client.generate(chunk, n=sampling.n, temperature=sampling.temperature,
+                                   top_p=1.0 if sampling.temperature == 0 else sampling.top_p,
+                                   max_tokens=sampling.max_new_tokens, logprobs=0,
+                                   generation_kwargs=None if seed is None else {"seed": seed})
+
+        completions = []
+        with ThreadPoolExecutor(min(32, max(1, len(requests)))) as pool:
+            for (chunk, _), out in zip(requests, pool.map(send, enumerate(requests)), strict=True):
+                for row, (ids, logprobs) in enumerate(zip(out["completion_ids"], out["logprobs"], strict=True)):
+                    completions.append(Completion(chunk[row // sampling.n], list(ids),
+                                                  self.tokenizer.decode(ids, skip_special_tokens=True),
+                                                  [step[0] for step in logprobs]))
         return completions

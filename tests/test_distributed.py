@@ -47,18 +47,20 @@ def step_metrics(run: Path) -> list[dict]:
     return [record for record in map(json.loads, lines) if "reward" in record]
 
 
-def launch(backend: str, config, port: int) -> str:
+def launch(backend: str, config, port: int, flags: tuple = (), env_extra: dict | None = None,
+           check: bool = True) -> str:
     """Run `accelerate launch` with 2 processes; return what they printed."""
     config_file, extra_env = BACKENDS[backend]
+    extra_env = {**extra_env, **(env_extra or {})}
     overrides = [f"{k}={v}" for k, v in vars(config).items() if k not in ("task_args", "log_with", "reward_weights")]
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", **extra_env)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch",
-         "--config_file", str(ROOT / "launch" / "accelerate" / config_file), "--num_processes", "2",
+         "--config_file", str(ROOT / "launch" / "accelerate" / config_file), "--num_processes", "2", *flags,
          "--main_process_port", str(port), "-m", "svf_rl", "train", *overrides, "log_with=[]"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == check, result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
@@ -87,3 +89,15 @@ def test_two_processes_match_one_process(backend, single_run, tiny_model_dir, tm
         assert re.search(r"resumed from \S+step_000002 \(step 2\)", launch(backend, resumed, port))
         assert [s["step"] for s in step_metrics(run)] == [1, 2, 3]
         assert_same_z(z_at(run, 3), z_at(single_run, 3))
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    (("--mixed_precision", "bf16"), {}, "DeepSpeed bf16 would store z in 16 bits"),
+    ((), {"ACCELERATE_USE_CPU": "1"}, "launched with DeepSpeed, but accelerate chose MULTI_CPU"),
+])
+def test_deepspeed_launches_that_would_train_wrongly_stop_with_one_line(flags, env, message, tiny_model_dir,
+                                                                         tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path, steps=1, **SHARED)
+    output = launch("zero2", config, 29527, flags, env, check=False)
+    assert f"svf-rl train: error: {message}" in output
+    assert not (Path(config.output_dir) / "checkpoints").exists()

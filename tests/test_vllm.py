@@ -1,6 +1,12 @@
-"""vLLM colocated: after a training step its log-probs are the trainer's at the new z."""
+"""vLLM, colocated and as a server: after a training step its log-probs are the trainer's at the new z."""
 
 import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +15,8 @@ from svf_rl.base_model import cache_root, load_base_model
 from svf_rl.engine import Sampling
 from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
 from svf_rl.svf import apply_svf, policy_step, svf_layers
-from svf_rl.train import chat_ids, pad_logprobs
+from svf_rl.train import chat_ids, pad_logprobs, train
+from tests.test_train import tiny_config
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]
@@ -22,16 +29,52 @@ def trainer_logprobs(model, completions, pad_id, grad=False):
     return logp, batch.completion_mask
 
 
-def test_weights_pushed_after_a_step_match_the_trainer(smollm2_path):
-    from svf_rl.vllm_engine import VLLMEngine
+@pytest.fixture(scope="module")
+def vllm_server(smollm2_path, tmp_path_factory):
+    """launch/vllm_server.sh serving SmolLM2 on a free port, as a user would start it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(root / "launch" / "vllm_server.sh"), smollm2_path, str(port),
+                                   "--max-model-len", "1024"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+    yield f"http://127.0.0.1:{port}"
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
 
+
+def make_engine(kind, model, tokenizer, model_path, request):
+    if kind == "colocated":
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        from svf_rl.vllm_engine import VLLMEngine
+
+        request.addfinalizer(destroy_distributed_environment)  # vLLM's process group, before train() makes its own
+        request.addfinalizer(destroy_model_parallel)
+        return VLLMEngine(model, tokenizer, model_path, seed=0)
+    from svf_rl.vllm_engine import VLLMServerEngine
+
+    return VLLMServerEngine(model, tokenizer, [request.getfixturevalue("vllm_server")], timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["colocated", "server"])
+def test_weights_pushed_after_a_step_match_the_trainer(kind, smollm2_path, request):
     model, tokenizer = load_base_model(smollm2_path)
     apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
-    engine = VLLMEngine(model, tokenizer, smollm2_path, seed=0)
+    engine = make_engine(kind, model, tokenizer, smollm2_path, request)
     prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 7 * 8?", "Name a colour.")]
     sampling = Sampling(n=4, temperature=1.0, max_new_tokens=12, seeds=[1, 2])
     before = engine.generate(prompts, sampling)
     base_logp, mask = trainer_logprobs(model, before, tokenizer.pad_token_id)
+    engine_base = pad_logprobs([c.logprobs for c in before], base_logp.shape[1])
+    assert ((engine_base - base_logp).abs() * mask).max().item() < 1e-3  # z = 1: vLLM is the base model
 
     # One REINFORCE step with a large learning rate, then push.
     optimizer = torch.optim.Adam([layer.z for layer in svf_layers(model).values()], lr=0.02)
@@ -49,3 +92,25 @@ def test_weights_pushed_after_a_step_match_the_trainer(smollm2_path):
     assert gap < 1e-3, f"vLLM and trainer disagree by {gap} after the push"
     stale, _ = trainer_logprobs(load_base_model(smollm2_path)[0], after, tokenizer.pad_token_id)
     assert ((engine_logp - stale).abs() * new_mask).max().item() > 1e-2  # the push changed vLLM's weights
+
+
+def test_training_with_rollouts_on_a_vllm_server(smollm2_path, vllm_server, tmp_path):
+    config = tiny_config(smollm2_path, tmp_path, engine="vllm_server", vllm_server_urls=[vllm_server], steps=2,
+                         prompts_per_step=2, generations_per_prompt=2, max_new_tokens=6, eval_every=2, save_every=2,
+                         seeded_rollouts=True, engine_ratio_cap=2.0, lr=0.02)
+    train(config)
+    run = Path(config.output_dir)
+    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
+    assert len(steps) == 2 and (run / "expert.safetensors").exists()
+
+
+def test_a_missing_server_is_a_one_line_error(smollm2_path):
+    from svf_rl.vllm_engine import VLLMServerEngine, VLLMServerError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    start = time.perf_counter()
+    with pytest.raises(VLLMServerError, match=f"no vLLM server answered at {url} within 2 s"):
+        VLLMServerEngine(None, None, [url], timeout=2)
+    assert time.perf_counter() - start < 30
