@@ -1,11 +1,14 @@
-"""Rollout engines side by side on the embedded default: HF `generate` vs vLLM colocated, and vLLM's weight sync.
+"""Rollout engines side by side on the embedded default: HF `generate`, vLLM colocated, and a vLLM server.
 
-One process, one model with SVF on the MLPs. For each engine: median over `--repeats` of sampling P prompts ×
-G completions (temperature 1) after a warm-up, as generated tokens/s. For vLLM also: the time to push W' after
-a z change (compose included), its share of a full step (rollout + SVF update + sync), and rollout tokens/s
-with the sync included vs without.
+One trainer process, one model with SVF on the MLPs. For each engine: median over `--repeats` of sampling P
+prompts × G completions (temperature 1) after a warm-up, as generated tokens/s. For the vLLM engines also: the
+time to push the new weights after a z change (W' composed in the trainer and reloaded for colocated; z sent
+and W' composed by the server's workers for the server), its share of a full step (rollout + SVF update +
+sync), and rollout tokens/s with the sync included vs without.
 
-    python benchmarks/bench_engines.py
+    python benchmarks/bench_engines.py                      # HF and colocated vLLM
+    launch/vllm_server.sh ~/.cache/svf_rl/models/smollm2-135m-instruct 8000 &
+    python benchmarks/bench_engines.py --server http://localhost:8000   # adds the server
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--tokens", type=str, default="12,64", help="max new tokens, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--server", help="URL of a vLLM server started with launch/vllm_server.sh")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -41,7 +45,7 @@ def main() -> None:
     from svf_rl.svf import apply_svf, policy_step, svf_layers
     from svf_rl.task import load_task
     from svf_rl.train import chat_ids
-    from svf_rl.vllm_engine import VLLMEngine
+    from svf_rl.vllm_engine import VLLMEngine, VLLMServerEngine
 
     path = resolve_model_path(EMBEDDED_MODEL)
     model, tokenizer = load_base_model(path)
@@ -49,6 +53,8 @@ def main() -> None:
     task = load_task("arithmetic")
     prompts = [chat_ids(tokenizer, task.prompt(r)) for r in task.rows("train", args.prompts, 0)]
     engines = {"hf": HFEngine(model, tokenizer), "vllm": VLLMEngine(model, tokenizer, path)}
+    if args.server:
+        engines["vllm_server"] = VLLMServerEngine(model, tokenizer, [args.server])
 
     print("| max new tokens | engine | rollout s | tokens/s |\n|---:|---|---:|---:|")
     speeds = {}
@@ -61,34 +67,39 @@ def main() -> None:
             speeds[tokens, name] = generated / seconds
             print(f"| {tokens} | {name} | {seconds:.2f} | {generated / seconds:.0f} |")
     for tokens in map(int, args.tokens.split(",")):
-        print(f"vLLM / HF tokens/s at {tokens} new tokens: {speeds[tokens, 'vllm'] / speeds[tokens, 'hf']:.2f}")
+        for name in engines:
+            if name != "hf":
+                print(f"{name} / hf tokens/s at {tokens} new tokens: {speeds[tokens, name] / speeds[tokens, 'hf']:.2f}")
 
-    # A full step on the vLLM engine: rollout, SVF update, weight push.
-    vllm, z_params = engines["vllm"], [layer.z for layer in svf_layers(model).values()]
+    # A full step on each vLLM engine: rollout, SVF update, weight push.
+    z_params = [layer.z for layer in svf_layers(model).values()]
     optimizer = torch.optim.AdamW(z_params, lr=1e-3)
     sampling = Sampling(args.generations, 1.0, 1.0, int(args.tokens.split(",")[0]))
-    rollout, update, sync = [], [], []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        completions = vllm.generate(prompts, sampling)
-        rollout.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
-                                 tokenizer.pad_token_id)
-        with policy_step(model, tokens=int(batch.attention_mask.sum())):
-            logp = of_tokens(torch.log_softmax(completion_logits(model, batch), -1), batch.completion_ids)
-            (-(logp * batch.completion_mask).sum() / batch.completion_mask.sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        update.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        vllm.update_weights()
-        sync.append(time.perf_counter() - start)
-    r, u, s = (statistics.median(x) for x in (rollout, update, sync))
-    print(f"\nstep on vLLM: rollout {r:.2f} s, update {u:.2f} s, sync {s:.2f} s "
-          f"({len(z_params)} matrices, compose included)")
-    print(f"sync share of step: {s / (r + u + s):.1%}")
-    print(f"rollout tokens/s with sync / without: {r / (r + s):.2f}")
+    for name in [n for n in engines if n != "hf"]:
+        engine, rollout, update, sync = engines[name], [], [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            completions = engine.generate(prompts, sampling)
+            rollout.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
+                                     tokenizer.pad_token_id)
+            with policy_step(model, tokens=int(batch.attention_mask.sum())):
+                logp = of_tokens(torch.log_softmax(completion_logits(model, batch), -1), batch.completion_ids)
+                (-(logp * batch.completion_mask).sum() / batch.completion_mask.sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            update.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            engine.update_weights()
+            sync.append(time.perf_counter() - start)
+        r, u, s = (statistics.median(x) for x in (rollout, update, sync))
+        sent = sum(z.numel() * 4 for z in z_params) if name == "vllm_server" else sum(
+            layer.U.shape[0] * layer.Vh.shape[1] * layer.U.element_size() for layer in svf_layers(model).values())
+        print(f"\nstep on {name}: rollout {r:.2f} s, update {u:.2f} s, sync {s:.2f} s "
+              f"({len(z_params)} matrices, compose included; {sent / 1e6:.2f} MB handed over)")
+        print(f"{name} sync share of step: {s / (r + u + s):.1%}")
+        print(f"{name} rollout tokens/s with sync / without: {r / (r + s):.2f}")
 
 
 if __name__ == "__main__":
