@@ -1,6 +1,7 @@
 """vLLM, colocated and as a server: after a training step its log-probs are the trainer's at the new z."""
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from svf_rl.engine import Sampling
 from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
 from svf_rl.svf import apply_svf, policy_step, svf_layers
 from svf_rl.train import chat_ids, pad_logprobs, train
+from tests.test_distributed import launch, z_at
 from tests.test_train import tiny_config
 
 pytestmark = [pytest.mark.slow,
@@ -94,14 +96,28 @@ def test_weights_pushed_after_a_step_match_the_trainer(kind, smollm2_path, reque
     assert ((engine_logp - stale).abs() * new_mask).max().item() > 1e-2  # the push changed vLLM's weights
 
 
-def test_training_with_rollouts_on_a_vllm_server(smollm2_path, vllm_server, tmp_path):
-    config = tiny_config(smollm2_path, tmp_path, engine="vllm_server", vllm_server_urls=[vllm_server], steps=2,
-                         prompts_per_step=2, generations_per_prompt=2, max_new_tokens=6, eval_every=2, save_every=2,
-                         seeded_rollouts=True, engine_ratio_cap=2.0, lr=0.02)
-    train(config)
-    run = Path(config.output_dir)
-    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
-    assert len(steps) == 2 and (run / "expert.safetensors").exists()
+def server_config(model_path, run_dir, url):
+    # Two URLs for the one server: the prompts are spread over both and z is pushed to each.
+    return tiny_config(model_path, run_dir, engine="vllm_server", steps=2, prompts_per_step=2,
+                       generations_per_prompt=2, max_new_tokens=6, eval_every=2, save_every=2, seeded_rollouts=True,
+                       engine_ratio_cap=2.0, lr=0.02, baseline="mean",
+                       vllm_server_urls=[url, url.replace("127.0.0.1", "localhost")])
+
+
+def test_one_and_two_trainer_processes_train_through_a_vllm_server(smollm2_path, vllm_server, tmp_path):
+    single = server_config(smollm2_path, tmp_path / "single", vllm_server)
+    train(single)
+    assert (Path(single.output_dir) / "expert.safetensors").exists()
+    # Two ranks: the main one pushes z, and neither samples until the server holds it; so with per-prompt
+    # seeds both ranks draw what the single process drew, and end with its z.
+    double = server_config(smollm2_path, tmp_path / "double", vllm_server)
+    launch("ddp", double, 29541)
+    steps = [json.loads(line) for line in (Path(double.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [s["z_rank_spread"] for s in steps if "reward" in s] == [0.0, 0.0]
+    single_z, double_z = z_at(Path(single.output_dir), 2), z_at(Path(double.output_dir), 2)
+    assert max((z - 1).abs().max().item() for z in single_z.values()) > 1e-3
+    for name in single_z:
+        torch.testing.assert_close(double_z[name], single_z[name], rtol=0, atol=1e-5)
 
 
 def test_a_missing_server_is_a_one_line_error(smollm2_path):
