@@ -44,8 +44,7 @@ class SVFLinear(nn.Module):
         self._policy_weight: torch.Tensor | None = None
         self._policy_key: tuple | None = None
         self._reference_weight: torch.Tensor | None = None
-        self._step_graph: torch.Tensor | None = None  # W'(z) with its graph to z, during a step
-        self._step_weight: torch.Tensor | None = None  # a detached leaf of it that collects ∂L/∂W'
+        self._step_weight: torch.Tensor | None = None  # W'(z) during a step, as a leaf that collects ∂L/∂W'
 
     @property
     def out_features(self) -> int:
@@ -88,16 +87,17 @@ class SVFLinear(nn.Module):
         self._policy_key = None
 
     def begin_step(self, tokens: int) -> None:
-        """Compose W' once for every micro-batch of an optimiser step, if composing is the cheaper strategy."""
+        """One W' for every micro-batch of an optimiser step, if composing is the cheaper strategy: the W' the
+        rollouts already composed at this z, so the step does not compose it again."""
         if self.choose_strategy(tokens) == "compose":
-            self._step_graph = self.compose(self.z)
-            self._step_weight = self._step_graph.detach().requires_grad_()
+            self._step_weight = self.weight_for_inference().detach().requires_grad_()
 
     def end_step(self) -> None:
-        """Backpropagate the accumulated ∂L/∂W' into z, once."""
+        """Turn the accumulated G = ∂L/∂W' into ∂L/∂z = s ⊙ diag(Uᵀ G V), once, without W' itself."""
         if self._step_weight is not None and self._step_weight.grad is not None:
-            self._step_graph.backward(self._step_weight.grad)
-        self._step_graph = self._step_weight = None
+            grad = ((self.U.float().T @ self._step_weight.grad.float()) * self.Vh.float()).sum(1) * self.s.float()
+            self.z.grad = grad if self.z.grad is None else self.z.grad + grad
+        self._step_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trains = torch.is_grad_enabled() and self.z.requires_grad and not self.use_reference
@@ -193,7 +193,7 @@ def policy_step(model: nn.Module, tokens: int, compose_once: bool = True) -> Ite
             layer.end_step()
     finally:
         for layer in layers:
-            layer._step_graph = layer._step_weight = None
+            layer._step_weight = None
 
 
 @contextlib.contextmanager

@@ -193,7 +193,7 @@ def train(config: TrainConfig) -> Path:
             all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()  # whole groups per rank
             advantage = advantages(all_rewards, group, config.baseline).view(world, -1)[rank]
 
-            # 3. REINFORCE + KL on z, in micro-batches; W' is composed once for the whole step.
+            # 3. REINFORCE + KL on z, in micro-batches; composing layers share the rollouts' W' for the whole step.
             start = time.perf_counter()
             batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
                                      tokenizer.pad_token_id).to(accelerator.device)
