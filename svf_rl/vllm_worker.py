@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .base_model import cache_root
 from .svd import cached_svd
 from .svf import compose_weight
 
@@ -58,10 +59,10 @@ class SVFWorkerExtension:
         device = getattr(self, "device", torch.device("cpu"))
         dtype = self.vllm_config.model_config.dtype
         weights = checkpoint_tensors(self.vllm_config.model_config.model, [f"{n}.weight" for n in spec["names"]])
-        cache = Path(spec["svd_cache"]) if spec.get("svd_cache") else None
         self.svf_factors = {}
         for name in spec["names"]:
-            U, s, Vh = cached_svd(weights[f"{name}.weight"], cache)
+            # The trainer's SVD cache: on the same machine the factors are read, not recomputed.
+            U, s, Vh = cached_svd(weights[f"{name}.weight"], cache_root() / "svd")
             self.svf_factors[name] = tuple(t.to(device, dtype) for t in (U, s, Vh))
         return {name: float(s.float().sum()) for name, (_, s, _) in self.svf_factors.items()}
 
