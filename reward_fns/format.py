@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .text import completion_text
+from .text import NUMBER, completion_text
 
 
 def format_reward(pattern: str, name: str, full: bool = False):
@@ -21,5 +21,5 @@ def format_reward(pattern: str, name: str, full: bool = False):
 
 boxed_format = format_reward(r"\\boxed\{.+\}", "boxed_format")
 answer_tag_format = format_reward(r"<answer>.+?</answer>", "answer_tag_format")
-number_only_format = format_reward(r"-?\d[\d,]*(?:\.\d+)?\.?", "number_only_format", full=True)
+number_only_format = format_reward(NUMBER + r"\.?", "number_only_format", full=True)
 code_block_format = format_reward(r"```(?:python|py)?\n.+?```", "code_block_format")

@@ -123,13 +123,14 @@ class DeepSpeedUpdate:
         ds_config.update(train_micro_batch_size_per_gpu=config.micro_batch_size, gradient_accumulation_steps=1,
                          gradient_clipping=config.max_grad_norm)
         zero = ds_config.setdefault("zero_optimization", {})
-        if int(zero.get("stage", 0)) == 3:
+        stage3 = int(zero.get("stage", 0)) == 3
+        if stage3:
             zero["stage3_param_persistence_threshold"] = max(z.numel() for z in z_params)
             for layer in svf_layers(model).values():
                 layer.sharded = True
         self.engine, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.module = self.engine  # training forwards go through the engine: it counts micro-batches there
-        if int(zero.get("stage", 0)) == 3 and accelerator.is_main_process:
+        if stage3 and accelerator.is_main_process:
             params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
             held = sum(p.ds_tensor.numel() for p in params) / max(1, sum(p.ds_numel for p in params))
             print(f"ZeRO-3: each rank holds {100 * held:.0f}% of the model's parameters (factors included)")
