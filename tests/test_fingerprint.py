@@ -1,0 +1,101 @@
+import copy
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from svf_rl import svd
+from svf_rl.svd import cached_svd, factors_fit, model_fingerprint, svd_fp32, weight_fingerprint, weight_fingerprints
+
+from .conftest import tiny_llama
+
+
+def off_sample_twin(weight: torch.Tensor) -> torch.Tensor:
+    """A copy differing in three odd-indexed values: a 131,072-value matrix was hashed at every second value."""
+    twin = weight.detach().clone()
+    twin.view(-1)[[1, 1001, 77777]] += 0.5
+    return twin
+
+
+def test_fingerprint_is_the_same_for_fp32_and_bf16_loads_of_a_checkpoint(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "fp32")
+    bf16 = LlamaForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    assert model_fingerprint(bf16) == model_fingerprint(model)
+    bf16.save_pretrained(tmp_path / "bf16")  # a bf16 checkpoint, loaded in fp32
+    assert model_fingerprint(LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)) == \
+        model_fingerprint(model)
+
+
+def test_fingerprint_hashes_every_value():
+    a = nn.Linear(256, 512, bias=False)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.weight.copy_(off_sample_twin(a.weight))
+    assert weight_fingerprint(b.weight) != weight_fingerprint(a.weight)
+    assert model_fingerprint(b) != model_fingerprint(a)
+
+
+def test_model_fingerprint_reuses_the_weight_fingerprints():
+    model = tiny_llama()
+    weights = weight_fingerprints(model)
+    assert "model.layers.0.mlp.up_proj.weight" in weights
+    assert model_fingerprint(model, weights) == model_fingerprint(model)
+
+
+def test_svd_cache_keys_on_every_value(tmp_path):
+    weight = torch.randn(512, 256)
+    twin = off_sample_twin(weight)
+    cached_svd(weight, tmp_path)
+    assert torch.equal(cached_svd(twin, tmp_path)[1], svd_fp32(twin)[1])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_bf16_weight_and_its_fp32_copy_share_a_cache_entry(tmp_path):
+    """A bf16 checkpoint read by a vLLM worker and loaded in fp32 by the trainer: one SVD, not two."""
+    weight = torch.randn(12, 8)
+    cached_svd(weight.bfloat16(), tmp_path)
+    cached_svd(weight.bfloat16().float(), tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    cached_svd(weight, tmp_path)  # values bf16 cannot hold: another matrix
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("wrong", ["another matrix", "the matrix rounded to bf16", "another shape"])
+def test_cache_entry_that_does_not_decompose_its_weight_is_recomputed(wrong, tmp_path, monkeypatch, caplog):
+    weight = torch.randn(12, 8)
+    cached_svd(weight, tmp_path)
+    [path] = tmp_path.glob("*.safetensors")
+    other = {"another matrix": torch.randn(12, 8), "the matrix rounded to bf16": weight.bfloat16(),
+             "another shape": torch.randn(8, 12)}[wrong]
+    save_file(dict(zip(("U", "s", "Vh"), svd_fp32(other), strict=True)), path)
+    monkeypatch.setattr(svd, "_verified", set())  # as in a new process
+    with caplog.at_level(logging.WARNING, logger="svf_rl.svd"):
+        U, s, Vh = cached_svd(weight, tmp_path)
+    assert torch.equal(s, svd_fp32(weight)[1])
+    assert "does not decompose" in caplog.text
+    assert factors_fit(weight, *cached_svd(weight, tmp_path))  # the entry was overwritten
+
+
+def test_cache_entry_is_checked_once_per_process(tmp_path, monkeypatch):
+    checks = []
+    fit = svd.factors_fit
+    monkeypatch.setattr(svd, "factors_fit", lambda *args, check_values=True: checks.append(check_values) or
+                        fit(*args, check_values=check_values))
+    weight = torch.randn(12, 8)
+    cached_svd(weight, tmp_path)  # computed here: nothing to check
+    monkeypatch.setattr(svd, "_verified", set())
+    for _ in range(3):
+        cached_svd(weight, tmp_path)
+    assert checks == [True, False, False]  # shapes every time, values once
+
+
+@pytest.mark.parametrize("weight", [torch.randn(12, 8), torch.randn(576, 1536).bfloat16() * 0.02, torch.zeros(16, 16),
+                                    torch.randn(512, 4) @ torch.randn(4, 256)],
+                         ids=["small", "smollm2-mlp-bf16", "zero", "rank-4"])
+def test_exact_svd_passes_the_reconstruction_check(weight):
+    assert factors_fit(weight, *svd_fp32(weight))
+
