@@ -21,22 +21,32 @@ def advantages(rewards: torch.Tensor, group_size: int, baseline: str) -> torch.T
     raise ValueError(f"unknown baseline {baseline!r}; choose none, mean, rloo or grpo")
 
 
-def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str,
-                 logprobs_full: torch.Tensor | None = None, ref_logprobs_full: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """KL(π‖π_ref) per completion token.
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str,
+               logprobs_full: torch.Tensor | None = None, ref_logprobs_full: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(π‖π_ref) per completion token, and a per-token surrogate whose expected gradient is the KL's.
 
-    k1 = log π − log π_ref and k3 = r − log r − 1 with r = π_ref/π are estimates from the sampled token
-    (k3 is unbiased and never negative); "full" sums over the whole vocabulary, exact at each position.
+    The estimate k_t at token t is k1 = log π − log π_ref or k3 = r − 1 − log r with r = π_ref/π (both
+    unbiased given the prefix), or "full", exact over the vocabulary. Differentiating k_t alone is not ∇KL:
+    E[∇k1] = 0 and E[∇k3] = ∇KL(π_ref‖π). Over a completion y ~ π, ∇E[Σ_t k_t] also has the score-function
+    part, so the surrogate is k_t + sg(Σ_{t' ≥ t} k_t') · log π_t (t' > t for "full", which does not depend
+    on y_t), and E[∇ Σ_t surrogate_t] = ∇KL(π‖π_ref) of whole completions. Returns (estimate, surrogate),
+    both zero where `mask` is.
     """
     if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k3":
+        kl = logp - ref_logp
+    elif estimator == "k3":
         log_ratio = ref_logp - logp
-        return torch.exp(log_ratio) - log_ratio - 1
+        kl = torch.exp(log_ratio) - log_ratio - 1
+    elif estimator == "full":
+        kl = (logprobs_full.exp() * (logprobs_full - ref_logprobs_full)).sum(-1)
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k3 or full")
+    kl = kl * mask
+    to_go = kl.detach().flip(-1).cumsum(-1).flip(-1)  # Σ_{t' ≥ t} k_t'
     if estimator == "full":
-        return (logprobs_full.exp() * (logprobs_full - ref_logprobs_full)).sum(-1)
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k3 or full")
+        to_go = to_go - kl.detach()
+    return kl, kl + to_go * logp * mask
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, total_tokens: int, total_sequences: int
