@@ -42,7 +42,7 @@ class SVFLinear(nn.Module):
         self.use_reference = False
         self.sharded = False  # ZeRO-3: the factors exist only inside forwards, so W' is never cached
         self._policy_weight: torch.Tensor | None = None
-        self._policy_key: tuple | None = None
+        self._policy_z: torch.Tensor | None = None  # the z that _policy_weight was composed from
         self._reference_weight: torch.Tensor | None = None
         self._step_weight: torch.Tensor | None = None  # W'(z) during a step, as a leaf that collects ∂L/∂W'
 
@@ -69,22 +69,25 @@ class SVFLinear(nn.Module):
         return "compose" if compose <= factored else "factored"
 
     def weight_for_inference(self) -> torch.Tensor:
-        """W' for no-grad forwards, recomposed only when z has changed since the last call."""
+        """W' for no-grad forwards, recomposed only when z has changed since the last call.
+
+        Changes are found by comparing z's values (a few hundred numbers), not its version counter: optimisers
+        that write z through a flat buffer or `.data` (DeepSpeed ZeRO-1/2, checkpoint loading) bump no version.
+        """
         if self.use_reference:
             if self._reference_weight is None:
                 with torch.no_grad():
                     self._reference_weight = self.compose(torch.ones_like(self.z))
             return self._reference_weight
-        key = (self.z.data_ptr(), self.z._version)
-        if key != self._policy_key:
+        if self._policy_z is None or not torch.equal(self._policy_z, self.z.detach()):
             with torch.no_grad():
                 self._policy_weight = self.compose(self.z)
-            self._policy_key = key
+            self._policy_z = self.z.detach().clone()
         return self._policy_weight
 
     def invalidate(self) -> None:
         """Recompose the cached W' on next use: z was changed behind autograd's back (e.g. by a collective)."""
-        self._policy_key = None
+        self._policy_z = None
 
     def begin_step(self, tokens: int) -> None:
         """One W' for every micro-batch of an optimiser step, if composing is the cheaper strategy: the W' the

@@ -78,6 +78,17 @@ def test_cached_weight_recomposes_only_when_z_changes():
     assert torch.allclose(second, layer.compose(layer.z.detach()))
 
 
+def test_cached_weight_follows_z_written_behind_autograd():
+    """ZeRO-1/2 write z through `.data` views of a flat buffer: no version bump, and W' must still follow."""
+    layer, _ = make_layer()
+    flat = torch.ones(layer.z.numel())
+    layer.z.data = flat  # the layer's z is now a view of an optimiser-owned buffer
+    first = layer.weight_for_inference().clone()
+    flat.add_(0.5)  # the optimiser's in-place update, unseen by autograd
+    torch.testing.assert_close(layer.weight_for_inference(), layer.compose(torch.full_like(flat, 1.5)))
+    assert not torch.allclose(layer.weight_for_inference(), first)
+
+
 def test_reference_mode_runs_the_base_model_whatever_z_is():
     model = tiny_llama()
     ids = torch.randint(0, 64, (1, 6))
