@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import reasoning_gym
 
 from reward_fns.reasoning_gym import score_answer_reward
 from reward_fns.text import answer_or_last_line, last_number
 from svf_rl.task import Task, TaskError, hash_split
 
+log = logging.getLogger("svf_rl")
 EXTRACTORS = {"answer_tag": answer_or_last_line, "last_number": last_number}
 
 
@@ -36,15 +39,25 @@ class ReasoningGym(Task):
     def rows(self, split: str, size: int, seed: int) -> list[dict]:
         if split not in ("train", "validation", "test"):
             raise TaskError(f"{self.name} has splits train, validation and test, not {split!r}")
-        rows, pool_seed = [], seed * 1000 + len(split)
-        for _ in range(100):  # small problem spaces repeat problems; a split never holds another's
+        rows, seen, pool_seed = [], set(), seed * 1000 + len(split)
+        for _ in range(100):  # generators repeat problems: each is drawn once, and a split never holds another's
             pool = reasoning_gym.create_dataset(self.dataset, size=4 * size, seed=pool_seed, **self.config)
-            rows += [{"question": e["question"], "answer": e["answer"], "entry": e}
-                     for e in pool if hash_split(self.split_key(e)) == split]
+            new = [e for e in pool if hash_split(self.split_key(e)) == split and self.split_key(e) not in seen]
+            for entry in new:
+                if self.split_key(entry) not in seen:
+                    seen.add(self.split_key(entry))
+                    rows.append({"question": entry["question"], "answer": entry["answer"], "entry": entry})
             if len(rows) >= size:
                 return rows[:size]
-            pool_seed += 1
-        raise TaskError(f"{self.name}: could not draw {size} {split} problems with config {self.config}")
+            if not new:  # a whole pool brought nothing new: the split holds no more problems
+                break
+            pool_seed += len(pool)  # entry i of a dataset seeds its generator with seed + i: no overlap
+        if not rows:
+            raise TaskError(f"{self.name}: the {split} split holds no problems with config {self.config}")
+        (log.warning if split != "train" else log.info)(
+            "%s: the %s split holds %d distinct problems, fewer than the %d asked; using them all",
+            self.name, split, len(rows), size)
+        return rows
 
     def user_message(self, row: dict) -> str:
         return f"{row['question']} {self.instruction}".strip()

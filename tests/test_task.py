@@ -45,6 +45,39 @@ def test_arithmetic_splits_are_disjoint_and_scored_exactly():
     assert task.score("I do not know", row) == 0.0
 
 
+def test_held_out_splits_draw_each_problem_once():
+    task = load_task("arithmetic")
+    for split, size in (("validation", 100), ("test", 200), ("train", 1000)):
+        rows = task.rows(split, size, 0)
+        assert len(rows) == size and len({task.split_key(r["entry"]) for r in rows}) == size, split
+        assert len({r["question"] for r in rows}) == size
+
+
+def test_a_split_smaller_than_asked_gives_all_its_distinct_problems(monkeypatch, caplog):
+    import tasks.procedural
+
+    def small_space(name, size, seed, **config):  # a generator with 40 problems in all, repeating them
+        return [{"question": f"What is {(seed + i) % 40} + 1?", "answer": str((seed + i) % 40 + 1)}
+                for i in range(size)]
+
+    task = load_task("reasoning_gym", {"dataset": "basic_arithmetic"})
+    monkeypatch.setattr(tasks.procedural.reasoning_gym, "create_dataset", small_space)
+    rows = task.rows("test", 500, 0)
+    problems = (f"What is {i} + 1?" for i in range(40))
+    every_test_problem = {q for q in problems if tasks.procedural.hash_split(q) == "test"}
+    assert sorted(r["question"] for r in rows) == sorted(every_test_problem)
+    assert "fewer than the 500 asked" in caplog.text
+
+
+def test_training_scores_each_repeated_held_out_problem_once(caplog):
+    from svf_rl.train import unique_rows
+
+    task = load_task("arithmetic")
+    rows = task.rows("test", 5, 0)
+    assert unique_rows(task, rows + rows[:3], "test") == rows
+    assert "scoring its 5 unique ones of 8 drawn" in caplog.text
+
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
