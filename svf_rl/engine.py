@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .svf import svf_layers
 
@@ -46,6 +48,51 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+class RolloutDistribution(LogitsProcessor):
+    """The sampling distribution, written out: softmax(logits / T) cut to its top-p nucleus, as log-probs.
+
+    generate() samples from what this returns, and it records each sampled token's log-prob (the token drawn
+    after call t is the last input of call t + 1), so rollouts come with the sampler's own log-probs.
+    """
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+        self.sampled: list[torch.Tensor] = []  # [rows] per generated position
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is not None:
+            self.sampled.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        logprobs = torch.log_softmax(scores.float() / self.temperature, -1)
+        if self.top_p < 1:  # keep the most likely tokens until their mass reaches top_p
+            ordered, order = logprobs.sort(-1, descending=True)
+            mass_before = ordered.exp().cumsum(-1) - ordered.exp()
+            ordered = ordered.masked_fill(mass_before >= self.top_p, float("-inf"))
+            logprobs = torch.log_softmax(torch.empty_like(logprobs).scatter_(-1, order, ordered), -1)
+        self._last = logprobs
+        return logprobs
+
+    def logprobs(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, generated] log-probs of the generated part of `sequences`."""
+        if self._last is not None:
+            self.sampled.append(self._last.gather(-1, sequences[:, -1:]).squeeze(-1))
+            self._last = None
+        return torch.stack(self.sampled, 1) if self.sampled else sequences.new_zeros((len(sequences), 0)).float()
+
+
+@contextlib.contextmanager
+def neutral_generation_defaults(model, eos_ids: list[int], pad_id: int):
+    """generate() fills every unset option from the model's generation_config (a checkpoint's repetition_penalty,
+    top_k, min_new_tokens, ...), which would make rollouts off-policy; for the call, it holds only the tokens."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id,
+                                               bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class HFEngine:
     """`model.generate` on the SVF model itself; its no-grad forwards use the cached W'."""
 
@@ -76,17 +123,23 @@ class HFEngine:
     def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         greedy = sampling.temperature == 0
-        out = self.model.generate(
-            input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0,
-            max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        # Sampling: generate() draws from RolloutDistribution's output, with every built-in processor off.
+        distribution = None if greedy else RolloutDistribution(sampling.temperature, sampling.top_p)
+        options = GenerationConfig(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
+                                   num_return_sequences=sampling.n, pad_token_id=self.tokenizer.pad_token_id,
+                                   eos_token_id=sorted(self.eos_ids), num_beams=1,
+                                   **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
+        with neutral_generation_defaults(self.model, sorted(self.eos_ids), self.tokenizer.pad_token_id):
+            out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                      generation_config=options,
+                                      logits_processor=LogitsProcessorList([distribution] if distribution else []))
+        generated = out[:, ids.shape[1]:]
+        logprobs = distribution.logprobs(out).tolist() if distribution else None
         completions = []
-        for row, sequence in enumerate(out[:, ids.shape[1]:].tolist()):
+        for row, sequence in enumerate(generated.tolist()):
             end = next((i + 1 for i, token in enumerate(sequence) if token in self.eos_ids), len(sequence))
             tokens = sequence[:end]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            completions.append(Completion(prompts[row // sampling.n], tokens, text))
+            completions.append(Completion(prompts[row // sampling.n], tokens, text,
+                                          logprobs[row][:end] if logprobs else None))
         return completions
