@@ -7,7 +7,7 @@ fuses them (qkv, gate_up) and repacks them for its kernels, so nothing here is m
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +95,9 @@ class VLLMServerEngine:
     """
 
     def __init__(self, model, tokenizer, urls: list[str], timeout: float = 300.0, main: bool = True,
-                 wait=lambda: None):
+                 wait=lambda: None, fingerprints: dict[str, str] | None = None):
+        """`fingerprints`: weight_fingerprints of the base model, taken before apply_svf replaced its layers; the
+        servers' checkpoint weights must match them exactly."""
         import warnings
 
         with warnings.catch_warnings():  # TRL warns about every vLLM version it was not released with
@@ -111,13 +113,18 @@ class VLLMServerEngine:
                                           f"with launch/vllm_server.sh") from None
         self.model, self.tokenizer, self.main, self.wait = model, tokenizer, main, wait
         layers = svf_layers(model)
-        expected = {name: float(layer.s.float().sum()) for name, layer in layers.items()}
+        if fingerprints is None:
+            logging.getLogger(__name__).warning("no base weight fingerprints given: the vLLM servers' weights are "
+                                                "not checked against the trainer's")
         for client in self.clients:
             for worker in self._rpc(client, "svf_setup", json.dumps({"names": list(layers)})):
-                for name, total in worker.items():  # the same base weights on both sides, or nothing will match
-                    if not math.isclose(total, expected[name], rel_tol=1e-3):
-                        raise VLLMServerError(f"vLLM server {client.base_url} serves other weights than the "
-                                              f"trainer's model for {name} (Σs {total:.4g} vs {expected[name]:.4g})")
+                # The same base weights on both sides, or nothing will match: compared exactly, by hash.
+                wrong = [n for n in layers if fingerprints is not None and worker.get(n) != fingerprints[f"{n}.weight"]]
+                if wrong:
+                    raise VLLMServerError(f"vLLM server {client.base_url} serves other weights than the trainer's "
+                                          f"model: {len(wrong)} of {len(layers)} SVF layers differ, e.g. {wrong[0]} "
+                                          f"(fingerprint {worker.get(wrong[0])} vs "
+                                          f"{fingerprints[f'{wrong[0]}.weight']}); serve the trainer's base model")
         self.update_weights()
 
     def _rpc(self, client, method: str, argument: str) -> list:

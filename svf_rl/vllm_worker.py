@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .base_model import cache_root
-from .svd import cached_svd
+from .svd import cached_svd, weight_fingerprint
 from .svf import compose_weight
 
 
@@ -53,18 +53,20 @@ class SVFWorkerExtension:
     """Mixed into vLLM's worker class; methods are reached through the server's /collective_rpc."""
 
     def svf_setup(self, spec: str) -> dict:
-        """Load the SVD factors of the listed layers (HF module names). Returns Σs per layer, for the trainer to
-        check that both sides hold the same base weights."""
+        """Load the SVD factors of the listed layers (HF module names). Returns each layer's checkpoint weight
+        fingerprint, for the trainer to check exactly that both sides hold the same base weights."""
         spec = json.loads(spec)
         device = getattr(self, "device", torch.device("cpu"))
         dtype = self.vllm_config.model_config.dtype
         weights = checkpoint_tensors(self.vllm_config.model_config.model, [f"{n}.weight" for n in spec["names"]])
-        self.svf_factors = {}
+        self.svf_factors, fingerprints = {}, {}
         for name in spec["names"]:
+            weight = weights[f"{name}.weight"]
             # The trainer's SVD cache: on the same machine the factors are read, not recomputed.
-            U, s, Vh = cached_svd(weights[f"{name}.weight"], cache_root() / "svd")
+            U, s, Vh = cached_svd(weight, cache_root() / "svd")
             self.svf_factors[name] = tuple(t.to(device, dtype) for t in (U, s, Vh))
-        return {name: float(s.float().sum()) for name, (_, s, _) in self.svf_factors.items()}
+            fingerprints[name] = weight_fingerprint(weight)  # of the weight as stored, whatever vLLM's dtype
+        return fingerprints
 
     def svf_load_z(self, payload: str) -> dict:
         """Compose W'(z) for every layer and reload it through vLLM's loader (which fuses qkv / gate_up)."""

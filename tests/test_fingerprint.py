@@ -1,5 +1,8 @@
 import copy
+import json
 import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -99,3 +102,64 @@ def test_cache_entry_is_checked_once_per_process(tmp_path, monkeypatch):
 def test_exact_svd_passes_the_reconstruction_check(weight):
     assert factors_fit(weight, *svd_fp32(weight))
 
+
+class FakeWorker:
+    """What SVFWorkerExtension needs of vLLM's worker: its model config, and a loader that takes weights."""
+
+    def __init__(self, model_dir, dtype=torch.bfloat16):
+        from svf_rl.vllm_worker import SVFWorkerExtension
+
+        self.extension = SVFWorkerExtension()
+        self.extension.vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(model=str(model_dir),
+                                                                                             dtype=dtype))
+        self.extension.reload_weights = lambda weights_iterator, is_checkpoint_format: list(weights_iterator)
+
+    def rpc(self, client, method, argument):  # replaces VLLMServerEngine._rpc, bound to this worker
+        return [getattr(self.extension, method)(argument)]
+
+
+class FakeClient:
+    def __init__(self, base_url, connection_timeout):
+        self.base_url = base_url
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def server_engine(model_dir, trainer, fingerprints, monkeypatch):
+    """A VLLMServerEngine whose one server runs SVFWorkerExtension in this process, on `model_dir`."""
+    from svf_rl.vllm_engine import VLLMServerEngine
+
+    monkeypatch.setitem(sys.modules, "trl.generation.vllm_client", types.SimpleNamespace(VLLMClient=FakeClient))
+    monkeypatch.setattr(VLLMServerEngine, "_rpc", FakeWorker(model_dir).rpc)
+    return VLLMServerEngine(trainer, None, ["http://server:8000"], fingerprints=fingerprints)
+
+
+def test_server_identity_is_checked_exactly(tmp_path, monkeypatch):
+    from svf_rl.svf import apply_svf
+    from svf_rl.vllm_engine import VLLMServerError
+
+    monkeypatch.setenv("SVF_RL_CACHE", str(tmp_path / "cache"))
+    served = tiny_llama()
+    served.save_pretrained(tmp_path / "same")  # fp32 checkpoint; the trainer loads it in bf16
+    trainer = LlamaForCausalLM.from_pretrained(tmp_path / "same", dtype=torch.bfloat16)
+    fingerprints = weight_fingerprints(trainer)  # before apply_svf replaces the weights by factors
+    apply_svf(trainer, "mlp", progress=False)
+    server_engine(tmp_path / "same", trainer, fingerprints, monkeypatch)
+
+    with torch.no_grad():  # 5% on one value: Σs moves by far less than the old 1e-3 tolerance
+        served.model.layers[1].mlp.down_proj.weight[0, 0] *= 1.05
+    served.save_pretrained(tmp_path / "other")
+    with pytest.raises(VLLMServerError, match=r"serves other weights .* 1 of 6 SVF layers differ, e.g. "
+                                              r"model.layers.1.mlp.down_proj \(fingerprint") as err:
+        server_engine(tmp_path / "other", trainer, fingerprints, monkeypatch)
+    assert "\n" not in str(err.value)
+
+
+def test_worker_reports_the_fingerprint_of_each_checkpoint_weight(tmp_path, monkeypatch):
+    monkeypatch.setenv("SVF_RL_CACHE", str(tmp_path / "cache"))
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    reported = FakeWorker(tmp_path).extension.svf_setup(json.dumps({"names": names}))
+    assert reported == {name: weight_fingerprint(model.get_submodule(name).weight) for name in names}
