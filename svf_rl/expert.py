@@ -54,16 +54,28 @@ class Expert:
             "svf_rl_version": self.svf_rl_version,
         }
 
-    def check_compatible(self, shapes: dict[str, int], fingerprint: str) -> None:
-        """Raise ExpertError unless this expert fits a model with these z sizes and base fingerprint."""
+    def check_compatible(self, shapes: dict[str, int], fingerprint: str, targets: str | None = None) -> None:
+        """Raise ExpertError unless this expert fits a model with exactly these SVF layers (name → z size), this
+        base fingerprint and, when given, these targets."""
         if fingerprint != self.base_fingerprint:
             raise ExpertError(
                 f"expert was trained on base {self.base_model!r} (fingerprint {self.base_fingerprint}), "
                 f"but this model's fingerprint is {fingerprint}"
             )
-        missing = sorted(set(self.vectors) - set(shapes))
+        if targets is not None and targets != self.targets:
+            raise ExpertError(f"expert was trained with targets {self.targets!r}, but this model's SVF layers "
+                              f"were made with targets {targets!r}")
+        # Every layer, or the layers the expert leaves out would keep whatever z they had.
+        missing = sorted(set(shapes) - set(self.vectors))
+        extra = sorted(set(self.vectors) - set(shapes))
+        problems = []
         if missing:
-            raise ExpertError(f"expert has {len(missing)} modules that this model does not target, e.g. {missing[0]!r}")
+            problems.append(f"model SVF layers without a z in the expert: {len(missing)}, e.g. {missing[0]!r}")
+        if extra:
+            problems.append(f"expert modules that this model does not target: {len(extra)}, e.g. {extra[0]!r}")
+        if problems:
+            raise ExpertError(f"expert (targets {self.targets!r}, {len(self.vectors)} modules) must cover exactly "
+                              f"the model's {len(shapes)} SVF layers: {'; '.join(problems)}")
         for name, z in self.vectors.items():
             if z.numel() != shapes[name]:
                 raise ExpertError(f"expert z for {name!r} has {z.numel()} values, the model's has {shapes[name]}")
@@ -72,8 +84,9 @@ class Expert:
 def save_expert(expert: Expert, path: str | Path) -> Path:
     """Write atomically: a reader never sees a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: z.detach().float().cpu().contiguous() for name, z in expert.vectors.items()}
+    check_vectors(tensors, str(path))  # never write a file that load_expert would refuse
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -102,20 +115,40 @@ def load_expert(path: str | Path) -> Expert:
     if meta.get("parametrisation") != PARAMETRISATION:
         raise ExpertError(f"{path} uses parametrisation {meta.get('parametrisation')!r}; "
                           f"expected {PARAMETRISATION!r}")
-    for name, z in vectors.items():
-        if z.dim() != 1 or z.dtype != torch.float32:
-            raise ExpertError(f"{path}: z for {name!r} must be a 1-D fp32 vector, got {z.dtype} {tuple(z.shape)}")
+    check_vectors(vectors, str(path))
     return Expert(
         vectors=vectors,
         base_model=meta.get("base_model", ""),
         base_fingerprint=meta.get("base_fingerprint", ""),
         targets=meta.get("targets", ""),
         task=meta.get("task", ""),
-        config=json.loads(meta.get("config", "{}")),
-        scores=json.loads(meta.get("scores", "{}")),
+        config=_metadata_dict(meta, "config", path),
+        scores=_metadata_dict(meta, "scores", path),
         parametrisation=meta["parametrisation"],
         svf_rl_version=meta.get("svf_rl_version", ""),
     )
+
+
+def check_vectors(vectors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ExpertError unless there is at least one z and every z is a finite 1-D fp32 vector."""
+    if not vectors:
+        raise ExpertError(f"{where}: the expert has no z vectors; it needs one per SVF layer")
+    for name, z in vectors.items():
+        if z.dim() != 1 or z.dtype != torch.float32:
+            raise ExpertError(f"{where}: z for {name!r} must be a 1-D fp32 vector, got {z.dtype} {tuple(z.shape)}")
+        bad = int((~torch.isfinite(z)).sum())
+        if bad:
+            raise ExpertError(f"{where}: z for {name!r} has {bad} non-finite values (NaN or inf); z must be finite")
+
+
+def _metadata_dict(meta: dict[str, str], key: str, path: Path) -> dict:
+    try:
+        value = json.loads(meta.get(key, "{}"))
+    except json.JSONDecodeError as err:
+        raise ExpertError(f"{path}: metadata {key!r} is not valid JSON ({err.msg} at character {err.pos})") from None
+    if not isinstance(value, dict):
+        raise ExpertError(f"{path}: metadata {key!r} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def describe_expert(expert: Expert) -> str:
