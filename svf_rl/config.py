@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,22 @@ CHOICES = {
 }
 
 
+# Numeric keys with a range beyond their type: the test, and what would be right.
+RANGES = {
+    "temperature": (lambda v: v > 0, "> 0 (training samples; only evaluation decodes greedily)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "kl_coef": (lambda v: v >= 0, ">= 0 (0 turns the KL penalty off)"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v > 0, "> 0"),
+    "engine_ratio_cap": (lambda v: v >= 0, ">= 0 (0 turns the importance ratio off)"),
+    "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "vllm_server_timeout": (lambda v: v > 0, "> 0 seconds"),
+    "threads": (lambda v: v >= 0, ">= 0 (0 keeps torch's default)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
+}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what would be right."""
 
@@ -104,14 +121,36 @@ def make_config(values: dict) -> TrainConfig:
         if key in checked and checked[key] not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {allowed}, got {checked[key]!r}")
     config = TrainConfig(**checked)
+    check_ranges(config)
+    return config
+
+
+def check_ranges(config: TrainConfig) -> None:
+    """Raise ConfigError, naming the key, for a value of the right type that cannot run."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {f.name!r} must be a finite number, got {value}")
     positive = ("prompts_per_step", "generations_per_prompt", "max_new_tokens", "steps", "micro_batch_size",
-                "eval_size", "test_size", "eval_batch_size", "save_every", "train_size")
+                "eval_size", "test_size", "eval_batch_size", "save_every", "train_size", "eval_every",
+                "max_bad_steps")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"config key {key!r} must be at least 1, got {getattr(config, key)}")
-    if config.baseline == "rloo" and config.generations_per_prompt < 2:
-        raise ConfigError("baseline 'rloo' needs generations_per_prompt >= 2")
-    return config
+    for key, (valid, right) in RANGES.items():
+        if not valid(getattr(config, key)):
+            raise ConfigError(f"config key {key!r} must be {right}, got {getattr(config, key)}")
+    if not 0 <= config.warmup_steps <= config.steps:
+        raise ConfigError(f"config key 'warmup_steps' must be between 0 and steps={config.steps}, "
+                          f"got {config.warmup_steps}")
+    weights = config.reward_weights
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ConfigError(f"config key 'reward_weights' must be a list of finite numbers, got {weights!r}")
+    if config.baseline in ("rloo", "grpo") and config.generations_per_prompt < 2:
+        raise ConfigError(f"config key 'generations_per_prompt' must be at least 2 with baseline "
+                          f"{config.baseline!r}, whose advantage is 0 for a lone completion; or use baseline=mean")
+    if config.engine == "vllm_server" and not config.vllm_server_urls:
+        raise ConfigError("config key 'vllm_server_urls' must list at least one server with engine 'vllm_server'")
 
 
 def parse_override(text: str) -> tuple[str, object]:

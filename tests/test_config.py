@@ -61,3 +61,64 @@ def test_every_launch_config_loads():
     assert len(configs) >= 2
     for path in configs:
         load_config(str(path), [])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["temperature=0"], "temperature"),  # 0 is greedy decoding: evaluation's, not training's
+    (["temperature=-1"], "temperature"),
+    (["top_p=0"], "top_p"),
+    (["top_p=1.5"], "top_p"),
+    (["eval_every=0"], "eval_every"),
+    (["max_bad_steps=0"], "max_bad_steps"),
+    (["warmup_steps=-1"], "warmup_steps"),
+    (["steps=10", "warmup_steps=11"], "warmup_steps"),
+    (["threads=-1"], "threads"),
+    (["seed=-1"], "seed"),
+    (["engine_ratio_cap=-1"], "engine_ratio_cap"),
+    (["vllm_gpu_memory_utilization=0"], "vllm_gpu_memory_utilization"),
+    (["vllm_gpu_memory_utilization=1.5"], "vllm_gpu_memory_utilization"),
+    (["vllm_server_timeout=0"], "vllm_server_timeout"),
+    (["engine=vllm_server", "vllm_server_urls=[]"], "vllm_server_urls"),
+    (["lr=0"], "lr"),
+    (["lr=-1e-3"], "lr"),
+    (["lr=nan"], "lr"),
+    (["lr=inf"], "lr"),
+    (["weight_decay=-0.1"], "weight_decay"),
+    (["max_grad_norm=0"], "max_grad_norm"),
+    (["max_grad_norm=.inf"], "max_grad_norm"),
+    (["kl_coef=-0.1"], "kl_coef"),
+    (["kl_coef=.nan"], "kl_coef"),
+    (["reward_weights=[1, .nan]"], "reward_weights"),
+    (["reward_weights=[1, heavy]"], "reward_weights"),
+    (["reward_weights=[true]"], "reward_weights"),
+    (["baseline=grpo", "generations_per_prompt=1"], "generations_per_prompt"),  # the advantage is always 0
+    (["baseline=rloo", "generations_per_prompt=1"], "generations_per_prompt"),
+])
+def test_value_that_cannot_run_names_its_key_in_one_line(overrides, key):
+    with pytest.raises(ConfigError, match=f"^config key '{key}' must ") as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_edge_values_that_can_run_are_accepted():
+    config = load_config(None, ["temperature=0.01", "top_p=1", "kl_coef=0", "steps=10", "warmup_steps=10",
+                                "engine_ratio_cap=0", "threads=0", "seed=0", "weight_decay=0",
+                                "reward_weights=[1, 0.5, 0]", "baseline=mean", "generations_per_prompt=1"])
+    assert config.warmup_steps == config.steps == 10
+
+
+@pytest.mark.parametrize("override", ["temperature=0", "eval_every=0", "top_p=2"])
+def test_cli_rejects_a_bad_value_before_loading_the_model(override, capsys, monkeypatch):
+    import svf_rl.base_model
+    import svf_rl.train
+    from svf_rl.cli import main
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started with a configuration that cannot run")
+
+    monkeypatch.setattr(svf_rl.train, "train", must_not_run)
+    monkeypatch.setattr(svf_rl.train, "load_base_model", must_not_run)
+    monkeypatch.setattr(svf_rl.base_model, "load_base_model", must_not_run)
+    assert main(["train", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"svf-rl train: error: config key '{override.split('=')[0]}' must ") and "\n" not in err
