@@ -62,6 +62,10 @@ def whole_matrices(accelerator: Accelerator):
 
 
 def _optimizer(model, config: TrainConfig):
+    """AdamW on z, and its lr schedule. The schedule is not given to accelerate: its wrapper steps it once per
+    process per step (it assumes each process saw a share of a larger batch), so with 2 processes a 10-step
+    linear decay would end at step 5. The loop steps it once per applied update; it is checkpointed as a
+    custom object (`scheduler`)."""
     z_params = [layer.z for layer in svf_layers(model).values()]
     optimizer = torch.optim.AdamW(z_params, lr=config.lr, weight_decay=config.weight_decay)
     return z_params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -79,8 +83,8 @@ class TorchUpdate:
     def __init__(self, accelerator: Accelerator, model, config: TrainConfig):
         self.accelerator, self.max_grad_norm, self.module = accelerator, config.max_grad_norm, model
         self.checkpoint_kwargs, self.load_kwargs = {}, {}
-        self.z_params, optimizer, scheduler = _optimizer(model, config)
-        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
+        self.z_params, optimizer, self.scheduler = _optimizer(model, config)
+        self.optimizer = accelerator.prepare(optimizer)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.accelerator.backward(loss)
@@ -118,7 +122,7 @@ class DeepSpeedUpdate:
             if ds_config.get(precision, {}).get("enabled") in (True, "true"):
                 raise UpdateError(f"DeepSpeed {precision} would store z in 16 bits, where its updates (about "
                                   f"1e-3) round away; use mixed_precision: no (the factors keep the model's dtype)")
-        z_params, optimizer, scheduler = _optimizer(model, config)
+        z_params, optimizer, self.scheduler = _optimizer(model, config)
         # The loop accumulates micro-batches itself and marks the last one; DeepSpeed must not rescale.
         ds_config.update(train_micro_batch_size_per_gpu=config.micro_batch_size, gradient_accumulation_steps=1,
                          gradient_clipping=config.max_grad_norm)
@@ -128,7 +132,7 @@ class DeepSpeedUpdate:
             zero["stage3_param_persistence_threshold"] = max(z.numel() for z in z_params)
             for layer in svf_layers(model).values():
                 layer.sharded = True
-        self.engine, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.engine, self.optimizer = accelerator.prepare(model, optimizer)
         self.module = self.engine  # training forwards go through the engine: it counts micro-batches there
         if stage3 and accelerator.is_main_process:
             params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
@@ -147,7 +151,10 @@ class DeepSpeedUpdate:
     def step(self) -> float:
         self.engine.step()  # skips the update, and reports an infinite norm, when the gradient is not finite
         norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        norm = float("nan") if norm is None else float(norm)
+        if math.isfinite(norm):
+            self.scheduler.step()
+        return norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
