@@ -42,6 +42,7 @@ def main() -> None:
     from svf_rl.base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_model_path
     from svf_rl.engine import HFEngine, Sampling
     from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
+    from svf_rl.svd import weight_fingerprints
     from svf_rl.svf import apply_svf, policy_step, svf_layers
     from svf_rl.task import load_task
     from svf_rl.train import chat_ids
@@ -49,12 +50,13 @@ def main() -> None:
 
     path = resolve_model_path(EMBEDDED_MODEL)
     model, tokenizer = load_base_model(path)
+    fingerprints = weight_fingerprints(model)
     apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
     task = load_task("arithmetic")
     prompts = [chat_ids(tokenizer, task.prompt(r)) for r in task.rows("train", args.prompts, 0)]
     engines = {"hf": HFEngine(model, tokenizer), "vllm": VLLMEngine(model, tokenizer, path)}
     if args.server:
-        engines["vllm_server"] = VLLMServerEngine(model, tokenizer, [args.server])
+        engines["vllm_server"] = VLLMServerEngine(model, tokenizer, [args.server], fingerprints=fingerprints)
 
     print("| max new tokens | engine | rollout s | tokens/s |\n|---:|---|---:|---:|")
     speeds = {}

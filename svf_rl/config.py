@@ -53,7 +53,8 @@ class TrainConfig:
     eval_every: int = 5
     eval_size: int = 100  # validation problems scored every eval_every steps to keep the best expert
     test_size: int = 200  # test problems scored for the base model and the final expert
-    eval_batch_size: int = 100
+    eval_batch_size: int = 100  # prompts per greedy generate() call in evaluation
+    base_eval_max_new_tokens: int = 64  # the base model is also scored with this budget (0 or ≤ max_new_tokens: not)
     # Run
     output_dir: str = "runs/default"
     save_every: int = 10
@@ -87,6 +88,7 @@ RANGES = {
     "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "vllm_server_timeout": (lambda v: v > 0, "> 0 seconds"),
     "threads": (lambda v: v >= 0, ">= 0 (0 keeps torch's default)"),
+    "base_eval_max_new_tokens": (lambda v: v >= 0, ">= 0 (0 skips the base model's long-budget score)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
 }
 

@@ -14,10 +14,27 @@ from .run_files import checkpoint_dirs, write_atomic
 RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, written when it starts
 
 
-def write_run_info(run_dir: Path, base_model: str, base_fingerprint: str, targets: str, task: str) -> None:
-    """Record what `export_checkpoint` needs besides z, so any checkpoint of the run can become an expert."""
-    info = {"base_model": base_model, "base_fingerprint": base_fingerprint, "targets": targets, "task": task}
+def write_run_info(run_dir: Path, base_model: str, base_fingerprint: str, targets: str, task: str,
+                   task_args: dict | None = None) -> None:
+    """Record what `export_checkpoint` needs besides z, so any checkpoint of the run can become an expert, and
+    what a resumed run must match."""
+    info = {"base_model": base_model, "base_fingerprint": base_fingerprint, "targets": targets, "task": task,
+            "task_args": task_args or {}}
     write_atomic(Path(run_dir) / RUN_INFO, json.dumps(info))
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """run.json of a run directory that holds checkpoints; a missing or unreadable one is a one-line error."""
+    path = Path(run_dir) / RUN_INFO
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{run_dir} holds checkpoints but no readable {RUN_INFO} ({type(err).__name__}), "
+                                f"so they cannot be checked against this run; give another output_dir, or "
+                                f"resume=false to start afresh there") from None
+    if not isinstance(info, dict):
+        raise FileNotFoundError(f"{path} is not an svf-rl run record")
+    return info
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:

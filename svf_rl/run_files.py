@@ -25,15 +25,41 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file; a line torn by a crash or power loss is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, forget what a killed run logged after its last checkpoint."""
-    kept = [r for r in read_metrics(path) if r.get("step", -1) <= last_step]
+    """On resume, forget what a killed run logged after its last checkpoint, and its final test line (the
+    resumed run writes its own)."""
+    kept = [r for r in read_metrics(path)
+            if r.get("step", -1) <= last_step and not any(k.startswith("test/") for k in r)]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+RUN_OUTPUTS = ("checkpoints", "expert.safetensors", "expert_best.safetensors", "metrics.jsonl", "curve.png",
+               "run.json", "svf_rl")  # svf_rl: the trackers' logs
+
+
+def clear_run(output_dir: Path) -> bool:
+    """Remove what an earlier run wrote to `output_dir` (nothing else); True if there was anything."""
+    found = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return bool(found)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -19,13 +19,14 @@ from .base_model import cache_root, load_base_model, resolve_model_path
 from .config import TrainConfig, config_dict
 from .engine import HFEngine, Sampling
 from .expert import Expert, load_expert, save_expert
-from .export import write_run_info
+from .export import read_run_info, write_run_info
 from .logprobs import completion_logits, entropy, make_token_batch, of_tokens
-from .objective import advantages, aggregate, kl_per_token, policy_loss
+from .objective import advantages, aggregate, kl_penalty, policy_loss
 from .rewards import as_completion, reward_name, score_completions
 from .run_files import (
     append_metrics,
     checkpoint_dirs,
+    clear_run,
     plot_curve,
     publish_checkpoint,
     read_metrics,
@@ -33,7 +34,7 @@ from .run_files import (
     wilson_interval,
     write_atomic,
 )
-from .svd import model_fingerprint
+from .svd import model_fingerprint, weight_fingerprints
 from .svf import apply_expert, apply_svf, load_z, policy_step, reference_mode, svf_layers, z_vectors
 from .task import check_reward_columns, load_task
 from .update import make_update, whole_matrices
@@ -46,17 +47,20 @@ class TrainingError(RuntimeError):
 
 
 class RunState:
-    """What a checkpoint holds besides optimiser, scheduler and RNG: z, the step, the best validation score."""
+    """What a checkpoint holds besides optimiser, scheduler and RNG: z, the step, the best validation score,
+    and the base model's test scores (measured at step 0, reported with the final expert)."""
 
     def __init__(self, model):
-        self.model, self.step, self.best_accuracy = model, 0, -1.0
+        self.model, self.step, self.best_accuracy, self.base_test = model, 0, -1.0, {}
 
     def state_dict(self) -> dict:
-        return {"z": z_vectors(self.model), "step": self.step, "best_accuracy": self.best_accuracy}
+        return {"z": z_vectors(self.model), "step": self.step, "best_accuracy": self.best_accuracy,
+                "base_test": self.base_test}
 
     def load_state_dict(self, state: dict) -> None:
         load_z(self.model, state["z"])
         self.step, self.best_accuracy = state["step"], state["best_accuracy"]
+        self.base_test = state.get("base_test", {})
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -64,16 +68,34 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids)
 
 
+def unique_rows(task, rows: list[dict], split: str) -> list[dict]:
+    """Held-out rows with each prompt once: a repeated problem would count twice and narrow the interval."""
+    seen, unique = set(), []
+    for row in rows:
+        key = repr(task.prompt(row))
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    if len(unique) < len(rows):
+        log.warning("task %s: the %s split repeats problems; scoring its %d unique ones of %d drawn",
+                    task.name, split, len(unique), len(rows))
+    return unique
+
+
 @torch.no_grad()
-def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, accelerator: Accelerator) -> dict:
+def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, accelerator: Accelerator,
+             max_new_tokens: int | None = None) -> dict:
     """Greedy held-out accuracy with its 95% interval; each rank scores its share of the rows."""
     mine = rows[accelerator.process_index::accelerator.num_processes]
     # Every rank generates for as many rows (ZeRO-3 forwards are collective); the padding is not scored.
     share = -(-len(rows) // accelerator.num_processes)
     padded = mine + rows[:share - len(mine)]
     prompts = [chat_ids(tokenizer, task.prompt(row)) for row in padded]
-    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
-    completions = engine.generate(prompts, sampling)[:len(mine)]
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens or config.max_new_tokens)
+    completions = []
+    for first in range(0, len(prompts), config.eval_batch_size):
+        completions += engine.generate(prompts[first:first + config.eval_batch_size], sampling)
+    completions = completions[:len(mine)]
     correct = sum(safe_score(task, c.text, row) for c, row in zip(completions, mine, strict=True))
     correct = accelerator.reduce(torch.tensor(float(correct), device=accelerator.device), "sum").item()
     low, high = wilson_interval(correct, len(rows))
@@ -99,42 +121,52 @@ def train(config: TrainConfig) -> Path:
     if config.prompts_per_step % world:
         raise TrainingError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the "
                             f"{world} processes, which share each step's prompts")
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
 
     # Task first, so that bad data fails before the model loads; then the model and its SVF parametrisation.
     task = load_task(config.task, config.task_args)
+    checkpoints = checkpoint_dirs(output_dir) if config.resume else []
+    previous = read_run_info(output_dir) if checkpoints else {}
+    check_resumable(previous, config, task.name, output_dir)
+    accelerator.wait_for_everyone()
+    if main:
+        if not config.resume and clear_run(output_dir):
+            log.info("resume=false: removed the previous run's checkpoints, experts and metrics in %s", output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
+    accelerator.wait_for_everyone()
     reward_funcs = list(task.reward_funcs)
     weights = config.reward_weights or list(task.reward_weights or [1.0] * len(reward_funcs))
     if len(weights) != len(reward_funcs):
         raise TrainingError(f"reward_weights has {len(weights)} entries; task {task.name!r} has "
                             f"{len(reward_funcs)} reward functions: {[reward_name(f) for f in reward_funcs]}")
     train_rows = task.rows("train", config.train_size, config.seed)
-    validation_rows = task.rows("validation", config.eval_size, config.seed)
-    test_rows = task.rows("test", config.test_size, config.seed)
+    validation_rows = unique_rows(task, task.rows("validation", config.eval_size, config.seed), "validation")
+    test_rows = unique_rows(task, task.rows("test", config.test_size, config.seed), "test")
     check_reward_columns(task, train_rows[0])
     with whole_matrices(accelerator):
         model, tokenizer = load_base_model(config.model)
-    fingerprint = model_fingerprint(model)
+    base_weights = weight_fingerprints(model)  # every base weight, before apply_svf replaces the targets
+    fingerprint = model_fingerprint(model, base_weights)
+    if previous.get("base_fingerprint", fingerprint) != fingerprint:
+        raise TrainingError(f"{output_dir} holds a run on other base weights (fingerprint "
+                            f"{previous['base_fingerprint']}, this model's is {fingerprint}); give another "
+                            f"output_dir, or resume=false to start afresh there")
     apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
     model.to(accelerator.device)
     update = make_update(accelerator, model, config)  # AdamW on z; DeepSpeed's engine when launched with it
     policy = update.module  # what training forwards call: the model, or the DeepSpeed engine around it
-    engine = make_engine(config, model, tokenizer, accelerator)
     z_params = [layer.z for layer in svf_layers(model).values()]
     state = RunState(model)
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(state, update.scheduler)  # custom_checkpoint_0 is the run state
 
     metrics_path, best_path = output_dir / "metrics.jsonl", output_dir / "expert_best.safetensors"
-    checkpoints = checkpoint_dirs(output_dir) if config.resume else []
     if checkpoints:
         accelerator.load_state(str(checkpoints[-1]), **update.load_kwargs)
         if main:
             log.info("resumed from %s (step %d)", checkpoints[-1], state.step)
             truncate_metrics(metrics_path, state.step)
-    elif main:
-        metrics_path.unlink(missing_ok=True)
+    # After resuming: the engine's first weights are the restored z.
+    engine = make_engine(config, model, tokenizer, accelerator, base_weights)
     accelerator.init_trackers("svf_rl", config={k: str(v) for k, v in config_dict(config).items()})
 
     def make_expert(scores: dict) -> Expert:
@@ -142,18 +174,24 @@ def train(config: TrainConfig) -> Path:
                       config_dict(config), scores)
 
     if main:
-        write_run_info(output_dir, config.model, fingerprint, config.targets, task.name)
+        write_run_info(output_dir, config.model, fingerprint, config.targets, task.name, config.task_args)
 
     def log_metrics(record: dict) -> None:
         if main:
             append_metrics(metrics_path, record)
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
-    base_test = None
     if state.step == 0:  # z = 1 still: the policy is the base model
-        base_test = evaluate(task, test_rows, tokenizer, engine, config, accelerator)
-        log_metrics({"step": 0, **{f"base_test/{k}": v for k, v in base_test.items()}})
-        report(accelerator, "base model, test", base_test)
+        state.base_test = evaluate(task, test_rows, tokenizer, engine, config, accelerator)
+        log_metrics({"step": 0, **{f"base_test/{k}": v for k, v in state.base_test.items()}})
+        report(accelerator, "base model, test", state.base_test)
+        if config.base_eval_max_new_tokens > config.max_new_tokens:  # how much is skill, not brevity
+            generous = evaluate(task, test_rows, tokenizer, engine, config, accelerator,
+                                config.base_eval_max_new_tokens)
+            state.base_test["accuracy_generous"] = generous["accuracy"]
+            log_metrics({"step": 0, **{f"base_test_{config.base_eval_max_new_tokens}_tokens/{k}": v
+                                       for k, v in generous.items()}})
+            report(accelerator, f"base model, test, {config.base_eval_max_new_tokens} new tokens", generous)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -202,31 +240,35 @@ def train(config: TrainConfig) -> Path:
             sequences = config.prompts_per_step * group
             engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
             sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
+            sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
             with policy_step(model, int(batch.attention_mask.sum()), update.compose_once_per_step):
                 for first in range(0, len(batch), config.micro_batch_size):
                     micro = batch[first:first + config.micro_batch_size]
                     micro_adv = advantage[first:first + config.micro_batch_size].to(accelerator.device)
                     logprobs_all = torch.log_softmax(completion_logits(policy, micro) / config.temperature, -1)
                     logp = of_tokens(logprobs_all, micro.completion_ids)
+                    mask = micro.completion_mask
                     per_token = policy_loss(logp, logp.detach(), micro_adv)
-                    if config.engine_ratio_cap > 0 and engine_logp is not None:  # sampler ≠ trainer numerics
+                    if engine_logp is not None:  # the sampler's own log-probs: a stale or wrong engine shows here
                         sampled = engine_logp[first:first + config.micro_batch_size].to(accelerator.device)
-                        per_token = per_token * torch.exp(logp.detach() - sampled).clamp(max=config.engine_ratio_cap)
+                        sampler_gap = torch.maximum(sampler_gap, ((logp.detach() - sampled).abs() * mask).max())
+                        if config.engine_ratio_cap > 0:  # off-policy samples: top-p truncation, sampler numerics
+                            ratio = torch.exp(logp.detach() - sampled).clamp(max=config.engine_ratio_cap)
+                            per_token = per_token * ratio
+                    loss = aggregate(per_token, mask, config.loss_aggregation, total_tokens, sequences)
                     kl = torch.zeros_like(logp)
-                    if config.kl_coef > 0:
+                    if config.kl_coef > 0:  # β · KL(π‖π_ref) of the step's completions, per completion token
                         with torch.no_grad(), reference_mode(model):
                             ref_all = torch.log_softmax(completion_logits(policy, micro) / config.temperature, -1)
                         ref_logp = of_tokens(ref_all, micro.completion_ids)
-                        kl = kl_per_token(logp, ref_logp, config.kl_estimator, logprobs_all, ref_all)
-                        per_token = per_token + config.kl_coef * kl
-                    loss = aggregate(per_token, micro.completion_mask, config.loss_aggregation, total_tokens,
-                                     sequences)
+                        kl, surrogate = kl_penalty(logp, ref_logp, mask, config.kl_estimator, logprobs_all, ref_all)
+                        loss = loss + config.kl_coef * surrogate.sum() / total_tokens
                     update.backward(loss, last=first + config.micro_batch_size >= len(batch))
                     with torch.no_grad():
-                        mask = micro.completion_mask
-                        sums += torch.stack([loss.detach(), (kl * mask).sum() / total_tokens,
+                        sums += torch.stack([loss.detach(), kl.sum() / total_tokens,
                                              (entropy(logprobs_all) * mask).sum() / total_tokens])
             sums = dict(zip(("loss", "kl", "entropy"), accelerator.reduce(sums, "sum").tolist(), strict=True))
+            sampler_gap = accelerator.gather(sampler_gap).max().item() if engine_logp is not None else None
             grad_norm = update.step()  # all ranks' gradient, clipped; not applied when it is not finite
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 bad_steps += 1
@@ -256,6 +298,7 @@ def train(config: TrainConfig) -> Path:
                 "rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time,
                 "rollout_tok_s": generated / max(rollout_time, 1e-9),
                 "z_rank_spread": (checksum.max() - checksum.min()).item(),  # 0 unless the ranks' z diverged
+                **({} if sampler_gap is None else {"sampler_logp_gap": sampler_gap}),
             }
             log_metrics(record)
             bar.update(job, advance=1, description=f"reward {record['reward']:.3f}  kl {record['kl']:.2e}  "
@@ -285,18 +328,32 @@ def train(config: TrainConfig) -> Path:
     log_metrics({"step": state.step, **{f"test/{k}": v for k, v in final_test.items()}})
     scores = {"validation_accuracy": state.best_accuracy, "test_accuracy": final_test["accuracy"],
               "test_n": final_test["n"]}
-    if base_test is not None:
-        scores["base_test_accuracy"] = base_test["accuracy"]
+    if state.base_test:
+        scores["base_test_accuracy"] = state.base_test["accuracy"]
+        if "accuracy_generous" in state.base_test:
+            generous = f"base_test_accuracy_{config.base_eval_max_new_tokens}_tokens"
+            scores[generous] = state.base_test["accuracy_generous"]
     expert_path = output_dir / "expert.safetensors"
     if main:
         save_expert(make_expert(scores), expert_path)
         plot_curve(read_metrics(metrics_path), output_dir / "curve.png")
-    if base_test is not None:
-        report(accelerator, "base model, test", base_test)
+    if state.base_test:
+        report(accelerator, "base model, test", state.base_test)
     report(accelerator, "expert, test", final_test)
     accelerator.print(f"expert written to {expert_path}")
     accelerator.end_training()
     return expert_path
+
+
+def check_resumable(previous: dict, config: TrainConfig, task_name: str, output_dir: Path) -> None:
+    """Refuse to continue checkpoints of another run (base model, targets or task), before the model loads."""
+    if not previous:
+        return
+    mine = {"base_model": config.model, "targets": config.targets, "task": task_name, "task_args": config.task_args}
+    for key, value in mine.items():
+        if key in previous and previous[key] != value:
+            raise TrainingError(f"{output_dir} holds checkpoints of a run with {key}={previous[key]!r}, not "
+                                f"{value!r}; give another output_dir, or resume=false to start afresh there")
 
 
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
@@ -311,7 +368,7 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
                        kwargs_handlers=handlers)
 
 
-def make_engine(config: TrainConfig, model, tokenizer, accelerator: Accelerator):
+def make_engine(config: TrainConfig, model, tokenizer, accelerator: Accelerator, fingerprints: dict[str, str]):
     if config.engine == "vllm":
         if any(layer.sharded for layer in svf_layers(model).values()):
             raise TrainingError("engine=vllm is not supported with DeepSpeed ZeRO-3 yet (it would gather every "
@@ -324,7 +381,8 @@ def make_engine(config: TrainConfig, model, tokenizer, accelerator: Accelerator)
         from .vllm_engine import VLLMServerEngine
 
         return VLLMServerEngine(model, tokenizer, config.vllm_server_urls, config.vllm_server_timeout,
-                                main=accelerator.is_main_process, wait=accelerator.wait_for_everyone)
+                                main=accelerator.is_main_process, wait=accelerator.wait_for_everyone,
+                                fingerprints=fingerprints)
     return HFEngine(model, tokenizer)
 
 

@@ -54,10 +54,13 @@ def test_training_moves_z_and_writes_a_loadable_expert(tiny_model_dir, tmp_path)
     deviation = max((z - 1).abs().max().item() for z in expert.vectors.values())
     assert deviation > 1e-3
     assert expert.task == "yes" and "test_accuracy" in expert.scores
+    assert {"base_test_accuracy", "base_test_accuracy_64_tokens"} <= set(expert.scores)
     run = Path(config.output_dir)
     assert (run / "curve.png").stat().st_size > 0
     metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum('"reward"' in line for line in metrics) == 3
+    # The HF engine reports its sampled tokens' log-probs: the trainer's, at the z it sampled with.
+    assert all(r["sampler_logp_gap"] < 1e-4 for r in read_metrics(run / "metrics.jsonl") if "reward" in r)
 
 
 def run_training_process(config_path: Path) -> subprocess.Popen:
@@ -129,3 +132,91 @@ def test_embedded_smollm2_trains_a_few_steps_and_the_expert_fits_the_model(smoll
         assert torch.equal(layer.z.detach(), expert.vectors[name])
     with pytest.raises(ExpertError, match="fingerprint"):
         apply_expert(model, expert, "0" * 32)
+
+
+def checkpoint_steps(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+
+
+def test_resume_false_starts_clean_and_later_resumes_continue_the_new_run(tiny_model_dir, tmp_path):
+    old = tiny_config(tiny_model_dir, tmp_path, steps=3, eval_every=1)
+    train(old)
+    run = Path(old.output_dir)
+    assert checkpoint_steps(run) == ["step_000002", "step_000003"]
+    (run / "notes.txt").write_text("mine")  # not the run's: left alone
+
+    train(tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=100, resume=False))
+    assert checkpoint_steps(run) == ["step_000001"]
+    assert (run / "notes.txt").read_text() == "mine"
+    assert expert_step(run / "expert.safetensors") == 1
+
+    train(tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=100))  # resumes the new run, at step 1
+    assert checkpoint_steps(run) == ["step_000001", "step_000002"]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "reward" in r] == [1, 2]
+
+
+def expert_step(path: Path) -> int:
+    return load_expert(path).config["steps"]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    from svf_rl.run_files import read_metrics as read
+
+    return read(path)
+
+
+def test_a_resumed_run_reports_the_base_model_once_and_the_test_once(tiny_model_dir, tmp_path):
+    train(tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=100))
+    expert = load_expert(train(tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=100)))
+    assert "base_test_accuracy" in expert.scores and "test_accuracy" in expert.scores
+    records = read_metrics(Path(tiny_config(tiny_model_dir, tmp_path).output_dir) / "metrics.jsonl")
+    assert sum("test/accuracy" in r for r in records) == 1
+    assert sum("base_test/accuracy" in r for r in records) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"targets": "attn"}, "targets='mlp', not 'attn'"),
+    ({"task": "arithmetic"}, "task='yes', not 'arithmetic'"),
+])
+def test_a_checkpoint_of_another_run_is_refused_in_one_line(change, message, tiny_model_dir, tmp_path, monkeypatch):
+    train(tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=100))
+    from svf_rl import train as train_module
+    from svf_rl.train import TrainingError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train_module, "load_base_model", no_model)
+    config = tiny_config(tiny_model_dir, tmp_path, steps=2)
+    config.__dict__.update(change)
+    with pytest.raises(TrainingError, match="holds checkpoints of a run with") as err:
+        train(config)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_on_other_base_weights_is_refused(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from svf_rl.train import TrainingError
+
+    train(tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=100))
+    other = tmp_path / "other_model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] += 0.01
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    config = tiny_config(tiny_model_dir, tmp_path, steps=2)
+    config.model = str(other)
+    with pytest.raises(TrainingError, match="holds checkpoints of a run with base_model="):
+        train(config)
+    run_json = Path(config.output_dir) / "run.json"
+    run_json.write_text(run_json.read_text().replace(tiny_model_dir, str(other)))  # same name, other weights
+    with pytest.raises(TrainingError, match="on other base weights"):
+        train(config)
+
+
+def test_a_torn_last_metrics_line_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.25}\n{"step": 3, "rew')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]

@@ -16,9 +16,10 @@ import torch
 from svf_rl.base_model import cache_root, load_base_model
 from svf_rl.engine import Sampling
 from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
+from svf_rl.svd import weight_fingerprints
 from svf_rl.svf import apply_svf, policy_step, svf_layers
 from svf_rl.train import chat_ids, pad_logprobs, train
-from tests.test_distributed import launch, z_at
+from tests.test_distributed import assert_same_z, launch, step_metrics, z_at
 from tests.test_train import tiny_config
 
 pytestmark = [pytest.mark.slow,
@@ -53,7 +54,7 @@ def vllm_server(smollm2_path, tmp_path_factory):
         os.killpg(server.pid, signal.SIGKILL)
 
 
-def make_engine(kind, model, tokenizer, model_path, request):
+def make_engine(kind, model, tokenizer, model_path, request, fingerprints):
     if kind == "colocated":
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
@@ -64,14 +65,16 @@ def make_engine(kind, model, tokenizer, model_path, request):
         return VLLMEngine(model, tokenizer, model_path, seed=0)
     from svf_rl.vllm_engine import VLLMServerEngine
 
-    return VLLMServerEngine(model, tokenizer, [request.getfixturevalue("vllm_server")], timeout=300)
+    return VLLMServerEngine(model, tokenizer, [request.getfixturevalue("vllm_server")], timeout=300,
+                            fingerprints=fingerprints)
 
 
 @pytest.mark.parametrize("kind", ["colocated", "server"])
 def test_weights_pushed_after_a_step_match_the_trainer(kind, smollm2_path, request):
     model, tokenizer = load_base_model(smollm2_path)
+    fingerprints = weight_fingerprints(model)
     apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
-    engine = make_engine(kind, model, tokenizer, smollm2_path, request)
+    engine = make_engine(kind, model, tokenizer, smollm2_path, request, fingerprints)
     prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 7 * 8?", "Name a colour.")]
     sampling = Sampling(n=4, temperature=1.0, max_new_tokens=12, seeds=[1, 2])
     before = engine.generate(prompts, sampling)
@@ -128,8 +131,7 @@ def test_one_and_two_trainer_processes_train_through_a_vllm_server(smollm2_path,
     assert [s["z_rank_spread"] for s in steps if "reward" in s] == [0.0, 0.0]
     single_z, double_z = z_at(Path(single.output_dir), 2), z_at(Path(double.output_dir), 2)
     assert max((z - 1).abs().max().item() for z in single_z.values()) > 1e-3
-    for name in single_z:
-        torch.testing.assert_close(double_z[name], single_z[name], rtol=0, atol=1e-5)
+    assert_same_z(double_z, single_z, 2, single.lr)
 
 
 def test_a_missing_server_is_a_one_line_error(smollm2_path):
@@ -142,3 +144,47 @@ def test_a_missing_server_is_a_one_line_error(smollm2_path):
     with pytest.raises(VLLMServerError, match=f"no vLLM server answered at {url} within 2 s"):
         VLLMServerEngine(None, None, [url], timeout=2)
     assert time.perf_counter() - start < 30
+
+
+def colocated_config(model_path, run_dir, **overrides):
+    return tiny_config(model_path, run_dir, **{
+        **dict(engine="vllm", steps=3, prompts_per_step=2, generations_per_prompt=2, max_new_tokens=6, eval_every=3,
+               save_every=1, seeded_rollouts=True, lr=0.02, baseline="mean", base_eval_max_new_tokens=0),
+        **overrides})
+
+
+def assert_engine_served_the_trainers_z(run: Path) -> None:
+    """Each step's rollouts were sampled at the z of the step before: vLLM's log-probs are the trainer's."""
+    steps = step_metrics(run)
+    assert steps[-1]["z_dev_max"] > 1e-2  # z moved far enough that stale weights would show
+    gaps = [s["sampler_logp_gap"] for s in steps]
+    assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
+
+
+def test_colocated_vllm_under_zero2_follows_z(smollm2_path, tmp_path):
+    # ZeRO-2 writes z through a flat buffer: a cache keyed on z's version would keep serving step 0's W'.
+    config = colocated_config(smollm2_path, tmp_path)
+    launch("zero2", config, 29543, env_extra={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert_engine_served_the_trainers_z(Path(config.output_dir))
+
+
+def run_cli(config) -> None:
+    import subprocess
+    import sys
+
+    overrides = [f"{k}={v}" for k, v in vars(config).items() if k not in ("task_args", "log_with", "reward_weights")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run([sys.executable, "-m", "svf_rl", "train", *overrides, "log_with=[]"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_resumed_colocated_vllm_run_continues_as_an_uninterrupted_one(smollm2_path, tmp_path):
+    whole = colocated_config(smollm2_path, tmp_path / "whole")
+    run_cli(whole)
+    run_cli(colocated_config(smollm2_path, tmp_path / "resumed", steps=2))
+    resumed = colocated_config(smollm2_path, tmp_path / "resumed")
+    run_cli(resumed)  # the engine must start from the restored z, not from z = 1
+    assert_engine_served_the_trainers_z(Path(resumed.output_dir))
+    assert [s["step"] for s in step_metrics(Path(resumed.output_dir))] == [1, 2, 3]
+    assert_same_z(z_at(Path(resumed.output_dir), 3), z_at(Path(whole.output_dir), 3), 3, whole.lr)
