@@ -114,6 +114,7 @@ def test_training_through_a_vllm_server_with_the_importance_ratio(smollm2_path, 
     steps = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "reward" in s] == [1, 2]
     assert all(math.isfinite(s["loss"]) and s["sync_s"] > 0 for s in steps if "reward" in s)
+    assert all(s["sampler_logp_gap"] < 1e-3 for s in steps if "reward" in s)  # the server served the current z
     assert (Path(config.output_dir) / "expert.safetensors").exists()
 
 
