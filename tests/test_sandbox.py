@@ -1,6 +1,9 @@
 """The sandbox holds hostile code: limits, timeouts, no writes outside, no network, nothing left running."""
 
+import ctypes
+import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -111,3 +114,94 @@ def test_code_reward_reads_fenced_code_and_scores_fractions():
 ])
 def test_exiting_early_or_faking_a_report_scores_zero(cheat):
     assert code_reward("fraction")(None, [cheat], tests=[["assert add(1, 2) == 3"]]) == [0.0]
+
+
+def test_nothing_outside_the_system_and_python_can_be_read(tmp_path):
+    secret = tmp_path / "answers.txt"
+    secret.write_text("42")
+    mine = [f"/proc/{os.getpid()}/{name}" for name in ("environ", "mem", "maps", "fd/0", "fd/1", "fd/2")]
+    program = (f"import os\nfor path in {[str(secret), str(tmp_path), str(Path.home()), '/tmp', *mine]!r}:\n"
+               f"    try:\n        os.listdir(path) if os.path.isdir(path) else open(path, 'rb').read(10)\n"
+               f"        print('read', path)\n    except OSError:\n        print('denied')\n"
+               f"import json, collections\nprint('stdlib', open('/etc/hostname').read() != '')\n")
+    result = run_python(program, limits=QUICK)
+    assert result.stdout.split() == ["denied"] * 10 + ["stdlib", "True"], result.stdout + result.stderr
+
+
+FORKS = ("import os, time\nn = 0\ntry:\n    while n < 1000:\n        if os.fork() == 0:\n"
+         "            time.sleep(60)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\nprint(n)\n")
+
+
+def test_fork_bombs_are_bounded_for_root_too():
+    if os.geteuid() != 0:
+        pytest.skip("root only: RLIMIT_NPROC bounds the other users, see the non-root test")
+    if not isolation()["pid_max"]:
+        pytest.skip("this kernel has no pid_max per PID namespace (Linux >= 6.14)")
+    forked = run_python(FORKS, limits=Limits(timeout_s=30, cpu_s=20))
+    assert forked.ok and int(forked.stdout) < isolation()["pid_max"]
+
+
+def as_nobody(job):
+    """job() in a child process as uid 65534, with 100 threads besides; its JSON-able result comes back.
+
+    Root is exempt from RLIMIT_NPROC, so this is how a trainer run by an ordinary user is tested here.
+    The child keeps CAP_DAC_READ_SEARCH, ambient so that it survives exec, only to reach this
+    interpreter under /root (mode 700); the sandbox loses it in its own user namespace.
+    """
+    if os.geteuid() != 0:
+        return _with_threads(job)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS across setresuid
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            cap = 1 << 2  # CAP_DAC_READ_SEARCH as effective, permitted and inheritable
+            if libc.capset(ctypes.byref((ctypes.c_uint32 * 2)(0x20080522, 0)),
+                           ctypes.byref((ctypes.c_uint32 * 6)(cap, cap, cap, 0, 0, 0))) != 0:
+                raise OSError(ctypes.get_errno(), "capset")
+            if libc.prctl(47, 2, 2, 0, 0) != 0:  # PR_CAP_AMBIENT_RAISE
+                raise OSError(ctypes.get_errno(), "ambient capability")
+            result = {"uid": os.getuid(), "result": _with_threads(job)}
+        except BaseException as err:
+            result = {"error": repr(err)}
+        os.write(write, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        result = json.loads(f.read() or b'{"error": "no result"}')
+    os.waitpid(pid, 0)
+    assert "error" not in result and result["uid"] == 65534, result
+    return result["result"]
+
+
+def _with_threads(job):
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait) for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert len(os.listdir("/proc/self/task")) > Limits().processes
+        return job()
+    finally:
+        stop.set()
+
+
+def test_works_for_a_non_root_user_whose_process_has_many_threads():
+    def job():
+        tests = [["assert add(1, 2) == 3", "assert add(2, 2) == 4"]] * 2
+        scores = code_reward("all", QUICK)(None, ["def add(a, b):\n    return a + b", "def add(a, b):\n    return 0"],
+                                           tests=tests)
+        forked = run_python(FORKS, limits=QUICK)
+        no_fork = run_python("print(1)", limits=Limits(timeout_s=5, processes=0))
+        return scores, forked.stdout, forked.stderr, no_fork.failure
+
+    scores, forked, errors, no_fork = as_nobody(job)
+    assert scores == [1.0, 0.0]
+    assert forked.strip().isdigit() and int(forked) < Limits().processes, errors  # fork bombs stay bounded
+    assert no_fork.startswith("cannot fork")  # a sandbox that cannot start says so
+
