@@ -2,6 +2,7 @@
 
 import ctypes
 import json
+import logging
 import os
 import threading
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import reward_fns.code
 from reward_fns.code import code_reward
 from reward_fns.sandbox import Limits, isolation, run_python
 
@@ -205,3 +207,16 @@ def test_works_for_a_non_root_user_whose_process_has_many_threads():
     assert forked.strip().isdigit() and int(forked) < Limits().processes, errors  # fork bombs stay bounded
     assert no_fork.startswith("cannot fork")  # a sandbox that cannot start says so
 
+
+def test_a_failure_of_the_sandbox_itself_is_logged_and_scores_none(caplog, monkeypatch):
+    tests = [["assert add(1, 2) == 3"]]
+    with caplog.at_level(logging.WARNING, logger="svf_rl"):
+        assert code_reward("all", Limits(timeout_s=5, open_files=3))(None, ["def add(a, b):\n    return 3"],
+                                                                       tests=tests) == [None]
+    assert len(caplog.records) == 1 and "Landlock failed" in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(reward_fns.code, "_JUDGE", "import os\nos._exit(0)\n")
+    with caplog.at_level(logging.WARNING, logger="svf_rl"):
+        assert code_reward("all", QUICK)(None, ["def add(a, b):\n    return 3"], tests=tests) == [None]
+    assert len(caplog.records) == 1 and "the judge gave no verdict" in caplog.records[0].getMessage()
