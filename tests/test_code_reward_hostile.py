@@ -440,7 +440,6 @@ ATTACKS = {
 
 @pytest.mark.parametrize("completion", list(ATTACKS.values()), ids=list(ATTACKS))
 def test_a_hostile_completion_scores_zero(completion):
-    assert len(ATTACKS) >= 25
     assert code_reward("fraction", QUICK)(None, [completion], tests=[ADD_TESTS]) == [0.0]
 
 
