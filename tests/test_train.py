@@ -220,3 +220,25 @@ def test_a_torn_last_metrics_line_is_skipped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.25}\n{"step": 3, "rew')
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_evaluation_generates_in_batches_of_eval_batch_size(tiny_model_dir, tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from svf_rl.engine import HFEngine
+    from svf_rl.task import load_task
+    from svf_rl.train import evaluate
+
+    class CountingEngine(HFEngine):
+        def generate(self, prompts, sampling):
+            calls.append(len(prompts))
+            return super().generate(prompts, sampling)
+
+    calls = []
+    config = tiny_config(tiny_model_dir, tmp_path, eval_batch_size=3)
+    task = load_task(config.task)
+    engine = CountingEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                            AutoTokenizer.from_pretrained(tiny_model_dir))
+    result = evaluate(task, task.rows("test", 7, 0), engine.tokenizer, engine, config, Accelerator(cpu=True))
+    assert calls == [3, 3, 1] and result["n"] == 7
