@@ -102,10 +102,11 @@ def test_weights_pushed_after_a_step_match_the_trainer(kind, smollm2_path, reque
 
 def server_config(model_path, run_dir, url, **overrides):
     # Two URLs for the one server: the prompts are spread over both and z is pushed to each.
-    return tiny_config(model_path, run_dir, engine="vllm_server", steps=2, prompts_per_step=2,
-                       generations_per_prompt=2, max_new_tokens=6, eval_every=2, save_every=2, seeded_rollouts=True,
-                       lr=0.02, baseline="mean", vllm_server_urls=[url, url.replace("127.0.0.1", "localhost")],
-                       **overrides)
+    return tiny_config(model_path, run_dir, **{
+        **dict(engine="vllm_server", steps=2, prompts_per_step=2, generations_per_prompt=2, max_new_tokens=6,
+               eval_every=2, save_every=2, seeded_rollouts=True, lr=0.02, baseline="mean",
+               vllm_server_urls=[url, url.replace("127.0.0.1", "localhost")]),
+        **overrides})
 
 
 def test_training_through_a_vllm_server_with_the_importance_ratio(smollm2_path, vllm_server, tmp_path):
@@ -135,6 +136,16 @@ def test_one_and_two_trainer_processes_train_through_a_vllm_server(smollm2_path,
     assert_same_z(double_z, single_z, 2, single.lr)
 
 
+def test_a_resumed_run_through_a_vllm_server_continues_as_an_uninterrupted_one(smollm2_path, vllm_server, tmp_path):
+    whole = server_config(smollm2_path, tmp_path / "whole", vllm_server)
+    train(whole)
+    train(server_config(smollm2_path, tmp_path / "resumed", vllm_server, steps=1))
+    resumed = server_config(smollm2_path, tmp_path / "resumed", vllm_server)
+    train(resumed)  # the server must be sent the restored z before the first resumed rollout
+    assert_engine_served_the_trainers_z(Path(resumed.output_dir), moved=1e-3)
+    assert_same_z(z_at(Path(resumed.output_dir), 2), z_at(Path(whole.output_dir), 2), 2, whole.lr)
+
+
 def test_a_missing_server_is_a_one_line_error(smollm2_path):
     from svf_rl.vllm_engine import VLLMServerEngine, VLLMServerError
 
@@ -154,10 +165,10 @@ def colocated_config(model_path, run_dir, **overrides):
         **overrides})
 
 
-def assert_engine_served_the_trainers_z(run: Path) -> None:
+def assert_engine_served_the_trainers_z(run: Path, moved: float = 1e-2) -> None:
     """Each step's rollouts were sampled at the z of the step before: vLLM's log-probs are the trainer's."""
     steps = step_metrics(run)
-    assert steps[-1]["z_dev_max"] > 1e-2  # z moved far enough that stale weights would show
+    assert steps[-1]["z_dev_max"] > moved  # z moved far enough that stale weights would show
     gaps = [s["sampler_logp_gap"] for s in steps]
     assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
 
