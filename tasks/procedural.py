@@ -49,7 +49,7 @@ class ReasoningGym(Task):
                     rows.append({"question": entry["question"], "answer": entry["answer"], "entry": entry})
             if len(rows) >= size:
                 return rows[:size]
-            if not new:  # a whole pool brought nothing new: the split holds no more problems
+            if not new and len(pool) >= 1000:  # a large pool brought nothing new: the split is exhausted
                 break
             pool_seed += len(pool)  # entry i of a dataset seeds its generator with seed + i: no overlap
         if not rows:

@@ -47,7 +47,7 @@ def test_arithmetic_splits_are_disjoint_and_scored_exactly():
 
 def test_held_out_splits_draw_each_problem_once():
     task = load_task("arithmetic")
-    for split, size in (("validation", 100), ("test", 200), ("train", 1000)):
+    for split, size in (("validation", 100), ("test", 200), ("train", 1000), ("validation", 1), ("test", 2)):
         rows = task.rows(split, size, 0)
         assert len(rows) == size and len({task.split_key(r["entry"]) for r in rows}) == size, split
         assert len({r["question"] for r in rows}) == size
