@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 24  # elements cast and hashed at a time: bounds the extra memory to one chunk per thread
+_CHUNK = 1 << 22  # elements cast and hashed at a time: bounds the extra memory to one chunk per thread
 _RECONSTRUCTION = 20  # a cached SVD passes if ‖U diag(s) Vᵀ − W‖ ≤ 20 (1 + √r) ε₃₂ ‖W‖ (LAPACK gives ~1 √r ε₃₂)
 _PROBES = 8  # random vectors that estimate that norm: a full product would cost as much as a forward of W
 _verified: set[str] = set()  # cache files whose factors were checked against their matrix in this process
@@ -26,8 +26,10 @@ def _hash_values(weight: torch.Tensor, dtype: torch.dtype) -> str:
     """SHA-256 (OpenSSL, hardware-accelerated) of the shape and of every value cast to `dtype`, chunk by chunk."""
     digest = hashlib.sha256(f"{tuple(weight.shape)}|{dtype}".encode())
     flat = weight.detach().reshape(-1)
+    buffer = torch.empty(min(_CHUNK, flat.numel()), dtype=dtype)  # one buffer: fresh chunks would grow the heap
     for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start:start + _CHUNK].to("cpu", dtype).contiguous()
+        chunk = buffer[:min(_CHUNK, flat.numel() - start)]
+        chunk.copy_(flat[start:start + _CHUNK])  # the cast, on the buffer
         digest.update(chunk.view(torch.uint8).numpy())  # the raw bytes, without another copy
     return digest.hexdigest()[:32]
 
