@@ -124,16 +124,6 @@ def train(config: TrainConfig) -> Path:
 
     # Task first, so that bad data fails before the model loads; then the model and its SVF parametrisation.
     task = load_task(config.task, config.task_args)
-    checkpoints = checkpoint_dirs(output_dir) if config.resume else []
-    previous = read_run_info(output_dir) if checkpoints else {}
-    check_resumable(previous, config, task.name, output_dir)
-    accelerator.wait_for_everyone()
-    if main:
-        if not config.resume and clear_run(output_dir):
-            log.info("resume=false: removed the previous run's checkpoints, experts and metrics in %s", output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
-    accelerator.wait_for_everyone()
     reward_funcs = list(task.reward_funcs)
     weights = config.reward_weights or list(task.reward_weights or [1.0] * len(reward_funcs))
     if len(weights) != len(reward_funcs):
@@ -143,6 +133,19 @@ def train(config: TrainConfig) -> Path:
     validation_rows = unique_rows(task, task.rows("validation", config.eval_size, config.seed), "validation")
     test_rows = unique_rows(task, task.rows("test", config.test_size, config.seed), "test")
     check_reward_columns(task, train_rows[0])
+    # The run directory, once the configuration and the task have passed their checks: bad input loses nothing.
+    checkpoints = checkpoint_dirs(output_dir) if config.resume else []
+    previous = read_run_info(output_dir) if checkpoints else {}
+    check_resumable(previous, config, task.name, output_dir)
+    accelerator.wait_for_everyone()
+    if main:
+        if not config.resume and clear_run(output_dir):
+            log.info("resume=false: removed the previous run's checkpoints, experts and metrics in %s", output_dir)
+        if not checkpoints:
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)  # of a run killed before its first checkpoint
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
+    accelerator.wait_for_everyone()
     with whole_matrices(accelerator):
         model, tokenizer = load_base_model(config.model)
     base_weights = weight_fingerprints(model)  # every base weight, before apply_svf replaces the targets

@@ -155,6 +155,17 @@ def test_resume_false_starts_clean_and_later_resumes_continue_the_new_run(tiny_m
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "reward" in r] == [1, 2]
 
 
+def test_resume_false_with_a_bad_configuration_loses_nothing(tiny_model_dir, tmp_path):
+    from svf_rl.train import TrainingError
+
+    train(tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=100))
+    run = Path(tiny_config(tiny_model_dir, tmp_path).output_dir)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(TrainingError, match="reward_weights has 2 entries"):
+        train(tiny_config(tiny_model_dir, tmp_path, resume=False, reward_weights=[1.0, 0.5]))
+    assert sorted(p.name for p in run.iterdir()) == before and checkpoint_steps(run) == ["step_000001", "step_000002"]
+
+
 def expert_step(path: Path) -> int:
     return load_expert(path).config["steps"]
 
