@@ -9,8 +9,6 @@ from typing import Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .svf import svf_layers
-
 
 @dataclass
 class Sampling:
@@ -81,12 +79,11 @@ class RolloutDistribution(LogitsProcessor):
 
 
 @contextlib.contextmanager
-def neutral_generation_defaults(model, eos_ids: list[int], pad_id: int):
+def neutral_generation_defaults(model):
     """generate() fills every unset option from the model's generation_config (a checkpoint's repetition_penalty,
-    top_k, min_new_tokens, ...), which would make rollouts off-policy; for the call, it holds only the tokens."""
+    top_k, min_new_tokens, ...), which would make rollouts off-policy; for the call, it holds none."""
     saved = model.generation_config
-    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id,
-                                               bos_token_id=saved.bos_token_id)
+    model.generation_config = GenerationConfig()
     try:
         yield
     finally:
@@ -102,8 +99,7 @@ class HFEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
 
     def update_weights(self) -> None:
-        for layer in svf_layers(self.model).values():  # same module: W' recomposes on its next use
-            layer.invalidate()
+        """Nothing to push: the engine is the policy's own module, whose cached W' follows z's values."""
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
@@ -129,7 +125,7 @@ class HFEngine:
                                    num_return_sequences=sampling.n, pad_token_id=self.tokenizer.pad_token_id,
                                    eos_token_id=sorted(self.eos_ids), num_beams=1,
                                    **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
-        with neutral_generation_defaults(self.model, sorted(self.eos_ids), self.tokenizer.pad_token_id):
+        with neutral_generation_defaults(self.model):
             out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                                       generation_config=options,
                                       logits_processor=LogitsProcessorList([distribution] if distribution else []))

@@ -85,10 +85,6 @@ class SVFLinear(nn.Module):
             self._policy_z = self.z.detach().clone()
         return self._policy_weight
 
-    def invalidate(self) -> None:
-        """Recompose the cached W' on next use: z was changed behind autograd's back (e.g. by a collective)."""
-        self._policy_z = None
-
     def begin_step(self, tokens: int) -> None:
         """One W' for every micro-batch of an optimiser step, if composing is the cheaper strategy: the W' the
         rollouts already composed at this z, so the step does not compose it again."""
