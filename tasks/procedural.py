@@ -42,14 +42,15 @@ class ReasoningGym(Task):
         rows, seen, pool_seed = [], set(), seed * 1000 + len(split)
         for _ in range(100):  # generators repeat problems: each is drawn once, and a split never holds another's
             pool = reasoning_gym.create_dataset(self.dataset, size=4 * size, seed=pool_seed, **self.config)
-            new = [e for e in pool if hash_split(self.split_key(e)) == split and self.split_key(e) not in seen]
-            for entry in new:
-                if self.split_key(entry) not in seen:
-                    seen.add(self.split_key(entry))
+            drawn = len(rows)
+            for entry in pool:
+                key = self.split_key(entry)
+                if hash_split(key) == split and key not in seen:
+                    seen.add(key)
                     rows.append({"question": entry["question"], "answer": entry["answer"], "entry": entry})
             if len(rows) >= size:
                 return rows[:size]
-            if not new and len(pool) >= 1000:  # a large pool brought nothing new: the split is exhausted
+            if len(rows) == drawn and len(pool) >= 1000:  # a large pool brought nothing new: the split is exhausted
                 break
             pool_seed += len(pool)  # entry i of a dataset seeds its generator with seed + i: no overlap
         if not rows:
