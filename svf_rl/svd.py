@@ -88,8 +88,9 @@ def factors_fit(weight: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torc
     # ‖(U diag(s) Vᵀ − W) X‖ / ‖W X‖ over Gaussian X estimates the relative Frobenius error; seeded, so the
     # training RNG is untouched and the check is reproducible.
     X = torch.randn(n, _PROBES, generator=torch.Generator().manual_seed(0))
-    error = (U.float() @ (s.float()[:, None] * (Vh.float() @ X)) - W @ X).norm()
-    return bool(error <= _RECONSTRUCTION * (1 + math.sqrt(r)) * torch.finfo(torch.float32).eps * (W @ X).norm())
+    WX = W @ X
+    error = (U.float() @ (s.float()[:, None] * (Vh.float() @ X)) - WX).norm()
+    return bool(error <= _RECONSTRUCTION * (1 + math.sqrt(r)) * torch.finfo(torch.float32).eps * WX.norm())
 
 
 def _read_factors(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
