@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 
@@ -225,13 +224,6 @@ def run_python(program: str, files: dict[str, str] | None = None, stdin: str = "
     """Run `program` as program.py in a fresh sandbox directory that also holds `files`."""
     with SandboxProcess(program, files, stdin, limits) as proc:
         return proc.finish()
-
-
-def run_many(programs: Sequence[dict], limits: Limits = Limits(), workers: int | None = None) -> list[SandboxResult]:
-    """Run several `run_python(**kwargs)` jobs at once, one per core by default (each is single-threaded)."""
-    workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: run_python(limits=limits, **job), programs))
 
 
 @functools.cache
