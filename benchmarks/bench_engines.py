@@ -41,7 +41,7 @@ def main() -> None:
 
     from svf_rl.base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_model_path
     from svf_rl.engine import HFEngine, Sampling
-    from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
+    from svf_rl.logprobs import completion_logprobs, make_token_batch
     from svf_rl.svd import weight_fingerprints
     from svf_rl.svf import apply_svf, policy_step, svf_layers
     from svf_rl.task import load_task
@@ -87,7 +87,7 @@ def main() -> None:
             batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
                                      tokenizer.pad_token_id)
             with policy_step(model, tokens=int(batch.attention_mask.sum())):
-                logp = of_tokens(torch.log_softmax(completion_logits(model, batch), -1), batch.completion_ids)
+                logp = completion_logprobs(model, batch)
                 (-(logp * batch.completion_mask).sum() / batch.completion_mask.sum()).backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -53,6 +53,18 @@ def convert_embedded_model() -> Path:
     return target
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The `dtype` config value as a torch dtype. auto: bf16 on a GPU with bf16 arithmetic, fp32 elsewhere (CPU
+    bf16 matmuls are slow without AMX, and fp32 keeps the CPU demo's numbers exact)."""
+    if name == "auto":
+        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
 def resolve_model_path(model: str) -> str:
     return str(convert_embedded_model()) if model == EMBEDDED_MODEL else model
 

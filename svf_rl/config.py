@@ -19,6 +19,7 @@ class TrainConfig:
     model: str = EMBEDDED_MODEL  # HF id or directory; the default is SmolLM2-135M-Instruct, shipped offline
     targets: str = "mlp"  # mlp | attn | all | a regex over module names
     forward_strategy: str = "auto"  # auto | compose | factored
+    dtype: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bfloat16 | float16 | float32; z stays fp32
     # Task
     task: str = "arithmetic"  # a registered task name, module:Name or path/to/file.py:Name
     task_args: dict = field(default_factory=dict)
@@ -28,6 +29,7 @@ class TrainConfig:
     engine: str = "hf"  # hf | vllm (colocated in the trainer process) | vllm_server (launch/vllm_server.sh)
     engine_ratio_cap: float = 0.0  # > 0: weight tokens by min(π_trainer/π_engine, cap) for the sampler's numerics
     vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory for vLLM's weights and KV cache
+    vllm_max_model_len: int = 2048  # longest prompt + completion vLLM accepts; its KV cache is sized for it
     vllm_server_urls: list = field(default_factory=lambda: ["http://localhost:8000"])  # engine=vllm_server
     vllm_server_timeout: float = 300.0  # seconds to wait for the servers to answer at start-up
     prompts_per_step: int = 8
@@ -48,7 +50,12 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1e-3
-    micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
+    micro_batch_size: int = 64  # sequences per forward/backward (whole prompt groups); gradients accumulate
+    # Memory levers (README, Memory): each trades compute for memory.
+    shared_prefix: bool = True  # a prompt's G completions run on one forward of it (same gradient, fewer tokens)
+    weight_cache: str = "all"  # composed W' kept for no-grad forwards: all (W'(z), W'(1)) | policy | none
+    gradient_checkpointing: bool = False  # decoder layers keep only their inputs; recomputed in backward
+    logit_chunk_tokens: int = 1024  # fp32 vocabulary rows alive at once in the update; 0 = the whole micro-batch
     # Evaluation
     eval_every: int = 5
     eval_size: int = 100  # validation problems scored every eval_every steps to keep the best expert
@@ -68,6 +75,8 @@ class TrainConfig:
 
 CHOICES = {
     "forward_strategy": ("auto", "compose", "factored"),
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "weight_cache": ("all", "policy", "none"),
     "engine": ("hf", "vllm", "vllm_server"),
     "baseline": ("none", "mean", "rloo", "grpo"),
     "kl_estimator": ("k1", "k3", "full"),
@@ -88,6 +97,7 @@ RANGES = {
     "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "vllm_server_timeout": (lambda v: v > 0, "> 0 seconds"),
     "threads": (lambda v: v >= 0, ">= 0 (0 keeps torch's default)"),
+    "logit_chunk_tokens": (lambda v: v >= 0, ">= 0 (0 builds the whole micro-batch's logits at once)"),
     "base_eval_max_new_tokens": (lambda v: v >= 0, ">= 0 (0 skips the base model's long-budget score)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
 }
@@ -135,7 +145,7 @@ def check_ranges(config: TrainConfig) -> None:
             raise ConfigError(f"config key {f.name!r} must be a finite number, got {value}")
     positive = ("prompts_per_step", "generations_per_prompt", "max_new_tokens", "steps", "micro_batch_size",
                 "eval_size", "test_size", "eval_batch_size", "save_every", "train_size", "eval_every",
-                "max_bad_steps")
+                "max_bad_steps", "vllm_max_model_len")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"config key {key!r} must be at least 1, got {getattr(config, key)}")

@@ -22,16 +22,16 @@ def advantages(rewards: torch.Tensor, group_size: int, baseline: str) -> torch.T
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str,
-               logprobs_full: torch.Tensor | None = None, ref_logprobs_full: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               full_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(π‖π_ref) per completion token, and a per-token surrogate whose expected gradient is the KL's.
 
     The estimate k_t at token t is k1 = log π − log π_ref or k3 = r − 1 − log r with r = π_ref/π (both
     unbiased given the prefix), or "full", exact over the vocabulary. Differentiating k_t alone is not ∇KL:
     E[∇k1] = 0 and E[∇k3] = ∇KL(π_ref‖π). Over a completion y ~ π, ∇E[Σ_t k_t] also has the score-function
     part, so the surrogate is k_t + sg(Σ_{t' ≥ t} k_t') · log π_t (t' > t for "full", which does not depend
-    on y_t), and E[∇ Σ_t surrogate_t] = ∇KL(π‖π_ref) of whole completions. Returns (estimate, surrogate),
-    both zero where `mask` is.
+    on y_t), and E[∇ Σ_t surrogate_t] = ∇KL(π‖π_ref) of whole completions. "full" takes the exact per-position
+    KL Σ_v π(v) (log π(v) − log π_ref(v)), differentiable (`full_kl`, from logprobs.token_stats). Returns
+    (estimate, surrogate), both zero where `mask` is.
     """
     if estimator == "k1":
         kl = logp - ref_logp
@@ -39,7 +39,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, e
         log_ratio = ref_logp - logp
         kl = torch.exp(log_ratio) - log_ratio - 1
     elif estimator == "full":
-        kl = (logprobs_full.exp() * (logprobs_full - ref_logprobs_full)).sum(-1)
+        kl = full_kl
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k3 or full")
     kl = kl * mask

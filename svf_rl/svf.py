@@ -26,6 +26,16 @@ def compose_weight(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.
     return ((U.float() * (s.float() * z)) @ Vh.float()).to(U.dtype)
 
 
+def cheaper_strategy(tokens: int, out: int, inp: int) -> str:
+    """compose or factored, whichever costs fewer FLOPs (forward and backward) over `tokens` rows."""
+    rank = min(out, inp)
+    # compose: forward, input grad and weight grad of a full matmul, plus composing W' and its backward.
+    compose = 6 * tokens * out * inp + 4 * out * inp * rank
+    # factored: forward and input grad of two thin matmuls; z's grad is elementwise.
+    factored = 4 * tokens * rank * (inp + out)
+    return "compose" if compose <= factored else "factored"
+
+
 class SVFLinear(nn.Module):
     """A linear layer stored as frozen SVD factors and a trainable fp32 scale z on the singular values."""
 
@@ -39,12 +49,22 @@ class SVFLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.z = nn.Parameter(torch.ones_like(s, dtype=torch.float32))
         self.strategy = strategy
+        # Keep W'(z) (and W'(1) for the KL reference) for no-grad forwards: 1x the matrix each. Without them,
+        # those forwards run on the factors, which costs (in + out)·r instead of in·out FLOPs per token.
+        self.cache_policy, self.cache_reference = True, True
         self.use_reference = False
         self.sharded = False  # ZeRO-3: the factors exist only inside forwards, so W' is never cached
         self._policy_weight: torch.Tensor | None = None
         self._policy_z: torch.Tensor | None = None  # the z that _policy_weight was composed from
         self._reference_weight: torch.Tensor | None = None
         self._step_weight: torch.Tensor | None = None  # W'(z) during a step, as a leaf that collects ∂L/∂W'
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) casts the factors, never z: its updates (about lr·1e-3) would round away in 16 bits."""
+        super()._apply(fn, recurse)
+        if self.z.dtype != torch.float32:
+            self.z.data = self.z.data.float()
+        return self
 
     @property
     def out_features(self) -> int:
@@ -61,15 +81,10 @@ class SVFLinear(nn.Module):
         """Pick the cheaper way to get a gradient to z for a forward over `tokens` rows (FLOPs, fwd+bwd)."""
         if self.strategy != "auto":
             return self.strategy
-        out, inp, rank = self.out_features, self.in_features, self.s.numel()
-        # compose: forward, input grad and weight grad of a full matmul, plus composing W' and its backward.
-        compose = 6 * tokens * out * inp + 4 * out * inp * rank
-        # factored: forward and input grad of two thin matmuls; z's grad is elementwise.
-        factored = 4 * tokens * rank * (inp + out)
-        return "compose" if compose <= factored else "factored"
+        return cheaper_strategy(tokens, self.out_features, self.in_features)
 
     def weight_for_inference(self) -> torch.Tensor:
-        """W' for no-grad forwards, recomposed only when z has changed since the last call.
+        """W' at the current z (or z = 1 in reference mode), recomposed only when z has changed since it was kept.
 
         Changes are found by comparing z's values (a few hundred numbers), not its version counter: optimisers
         that write z through a flat buffer or `.data` (DeepSpeed ZeRO-1/2, checkpoint loading) bump no version.
@@ -77,8 +92,14 @@ class SVFLinear(nn.Module):
         if self.use_reference:
             if self._reference_weight is None:
                 with torch.no_grad():
-                    self._reference_weight = self.compose(torch.ones_like(self.z))
+                    weight = self.compose(torch.ones_like(self.z))
+                if not self.cache_reference:
+                    return weight
+                self._reference_weight = weight
             return self._reference_weight
+        if not self.cache_policy:
+            with torch.no_grad():
+                return self.compose(self.z)
         if self._policy_z is None or not torch.equal(self._policy_z, self.z.detach()):
             with torch.no_grad():
                 self._policy_weight = self.compose(self.z)
@@ -87,7 +108,7 @@ class SVFLinear(nn.Module):
 
     def begin_step(self, tokens: int) -> None:
         """One W' for every micro-batch of an optimiser step, if composing is the cheaper strategy: the W' the
-        rollouts already composed at this z, so the step does not compose it again."""
+        rollouts already composed at this z (when W' is kept), so the step does not compose it again."""
         if self.choose_strategy(tokens) == "compose":
             self._step_weight = self.weight_for_inference().detach().requires_grad_()
 
@@ -100,14 +121,21 @@ class SVFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trains = torch.is_grad_enabled() and self.z.requires_grad and not self.use_reference
+        z = self.z if not self.use_reference else torch.ones_like(self.z)
         if not (trains or self.sharded):
-            return F.linear(x, self.weight_for_inference(), self.bias)
+            cached = self.cache_reference if self.use_reference else self.cache_policy
+            if cached:
+                return F.linear(x, self.weight_for_inference(), self.bias)
+            return self.factored(x, z.detach())
         if self._step_weight is not None and trains:
             return F.linear(x, self._step_weight, self.bias)
-        z = self.z if not self.use_reference else torch.ones_like(self.z)
         if self.choose_strategy(x.numel() // x.shape[-1]) == "compose":
             return F.linear(x, self.compose(z), self.bias)
-        scaled = F.linear(x, self.Vh) * (self.s * z).to(x.dtype)
+        return self.factored(x, z)
+
+    def factored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """U (s ⊙ z ⊙ Vᵀx): the scale is applied in fp32, so that z's gradient (a sum over tokens) is fp32 too."""
+        scaled = (F.linear(x, self.Vh).float() * (self.s.float() * z)).to(x.dtype)
         return F.linear(scaled, self.U, self.bias)
 
     def extra_repr(self) -> str:
@@ -158,6 +186,22 @@ def apply_svf(model: nn.Module, targets: str = "mlp", strategy: str = "auto",
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             bar.advance(job)
     return names
+
+
+WEIGHT_CACHES = ("all", "policy", "none")
+
+
+def set_weight_cache(model: nn.Module, cache: str) -> None:
+    """Which composed weights the layers keep for no-grad forwards: W'(z) and W'(1) ("all"), W'(z) alone
+    ("policy"; reference forwards run on the factors) or none (every no-grad forward runs on the factors)."""
+    if cache not in WEIGHT_CACHES:
+        raise ValueError(f"weight cache {cache!r} is not one of {WEIGHT_CACHES}")
+    for layer in svf_layers(model).values():
+        layer.cache_policy, layer.cache_reference = cache != "none", cache == "all"
+        if not layer.cache_policy:
+            layer._policy_weight = layer._policy_z = None
+        if not layer.cache_reference:
+            layer._reference_weight = None
 
 
 def svf_layers(model: nn.Module) -> dict[str, SVFLinear]:

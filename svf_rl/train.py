@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 
-from .base_model import cache_root, load_base_model, resolve_model_path
+from .base_model import cache_root, load_base_model, resolve_dtype, resolve_model_path
 from .config import TrainConfig, config_dict
 from .engine import HFEngine, Sampling
 from .expert import Expert, load_expert, save_expert
 from .export import read_run_info, write_run_info
-from .logprobs import completion_logits, entropy, make_token_batch, of_tokens
+from .logprobs import checkpoint_layers, completion_features, make_token_batch, plan_forward, token_stats, update_tokens
+from .memory import estimate_memory, memory_report
 from .objective import advantages, aggregate, kl_penalty, policy_loss
 from .rewards import as_completion, reward_name, score_completions
 from .run_files import (
@@ -35,7 +36,16 @@ from .run_files import (
     write_atomic,
 )
 from .svd import model_fingerprint, weight_fingerprints
-from .svf import apply_expert, apply_svf, load_z, policy_step, reference_mode, svf_layers, z_vectors
+from .svf import (
+    apply_expert,
+    apply_svf,
+    load_z,
+    policy_step,
+    reference_mode,
+    set_weight_cache,
+    svf_layers,
+    z_vectors,
+)
 from .task import check_reward_columns, load_task
 from .update import make_update, whole_matrices
 
@@ -146,8 +156,12 @@ def train(config: TrainConfig) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_dict(config), sort_keys=False))
     accelerator.wait_for_everyone()
+    dtype = resolve_dtype(config.dtype, accelerator.device)
+    if dtype == torch.float16 and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("dtype=float16 needs loss scaling, which svf-rl does only without DeepSpeed; "
+                            "use dtype=bfloat16 (or float32) with DeepSpeed")
     with whole_matrices(accelerator):
-        model, tokenizer = load_base_model(config.model)
+        model, tokenizer = load_base_model(config.model, dtype)
     base_weights = weight_fingerprints(model)  # every base weight, before apply_svf replaces the targets
     fingerprint = model_fingerprint(model, base_weights)
     if previous.get("base_fingerprint", fingerprint) != fingerprint:
@@ -155,9 +169,17 @@ def train(config: TrainConfig) -> Path:
                             f"{previous['base_fingerprint']}, this model's is {fingerprint}); give another "
                             f"output_dir, or resume=false to start afresh there")
     apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
+    set_weight_cache(model, config.weight_cache)
+    if config.gradient_checkpointing:
+        checkpoint_layers(model)
     model.to(accelerator.device)
     update = make_update(accelerator, model, config)  # AdamW on z; DeepSpeed's engine when launched with it
     policy = update.module  # what training forwards call: the model, or the DeepSpeed engine around it
+    forward = plan_forward(model, config.shared_prefix)
+    if main:
+        longest = max(len(chat_ids(tokenizer, task.prompt(row))) for row in train_rows[:256] + test_rows[:256])
+        estimate = estimate_memory(config, model.config, dtype, accelerator.device, longest, world)
+        accelerator.print(memory_report(estimate))
     z_params = [layer.z for layer in svf_layers(model).values()]
     state = RunState(model)
     accelerator.register_for_checkpointing(state, update.scheduler)  # custom_checkpoint_0 is the run state
@@ -234,26 +256,35 @@ def train(config: TrainConfig) -> Path:
             all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()  # whole groups per rank
             advantage = advantages(all_rewards, group, config.baseline).view(world, -1)[rank]
 
-            # 3. REINFORCE + KL on z, in micro-batches; composing layers share the rollouts' W' for the whole step.
+            # 3. REINFORCE + KL on z, in micro-batches of whole groups; each group's prompt runs once (shared
+            # prefix), and composing layers share the rollouts' W' for the whole step.
             start = time.perf_counter()
             batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
                                      tokenizer.pad_token_id).to(accelerator.device)
+            shared = group if forward.shared_prefix else 1
             # Normalised by the whole step's counts, so the ranks' gradients add up to the single-process one.
             total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
             sequences = config.prompts_per_step * group
             engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
             sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
             sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
-            with policy_step(model, int(batch.attention_mask.sum()), update.compose_once_per_step):
-                for first in range(0, len(batch), config.micro_batch_size):
-                    micro = batch[first:first + config.micro_batch_size]
-                    micro_adv = advantage[first:first + config.micro_batch_size].to(accelerator.device)
-                    logprobs_all = torch.log_softmax(completion_logits(policy, micro) / config.temperature, -1)
-                    logp = of_tokens(logprobs_all, micro.completion_ids)
+            rows_per_micro = max(shared, config.micro_batch_size // shared * shared)
+            with policy_step(model, update_tokens(batch, shared), update.compose_once_per_step):
+                for first in range(0, len(batch), rows_per_micro):
+                    micro = batch[first:first + rows_per_micro]
+                    micro_adv = advantage[first:first + rows_per_micro].to(accelerator.device)
                     mask = micro.completion_mask
+                    features = completion_features(policy, model, micro, shared, forward.hidden)
+                    reference = None
+                    if config.kl_coef > 0:  # the same forward at z = 1
+                        with torch.no_grad(), reference_mode(model):
+                            reference = completion_features(policy, model, micro, shared, forward.hidden)
+                    full = reference if config.kl_estimator == "full" else None
+                    logp, token_entropy, *full_kl = token_stats(features, micro.completion_ids, config.temperature,
+                                                                forward.head, config.logit_chunk_tokens, full)
                     per_token = policy_loss(logp, logp.detach(), micro_adv)
                     if engine_logp is not None:  # the sampler's own log-probs: a stale or wrong engine shows here
-                        sampled = engine_logp[first:first + config.micro_batch_size].to(accelerator.device)
+                        sampled = engine_logp[first:first + rows_per_micro].to(accelerator.device)
                         sampler_gap = torch.maximum(sampler_gap, ((logp.detach() - sampled).abs() * mask).max())
                         if config.engine_ratio_cap > 0:  # off-policy samples: top-p truncation, sampler numerics
                             ratio = torch.exp(logp.detach() - sampled).clamp(max=config.engine_ratio_cap)
@@ -261,19 +292,21 @@ def train(config: TrainConfig) -> Path:
                     loss = aggregate(per_token, mask, config.loss_aggregation, total_tokens, sequences)
                     kl = torch.zeros_like(logp)
                     if config.kl_coef > 0:  # β · KL(π‖π_ref) of the step's completions, per completion token
-                        with torch.no_grad(), reference_mode(model):
-                            ref_all = torch.log_softmax(completion_logits(policy, micro) / config.temperature, -1)
-                        ref_logp = of_tokens(ref_all, micro.completion_ids)
-                        kl, surrogate = kl_penalty(logp, ref_logp, mask, config.kl_estimator, logprobs_all, ref_all)
+                        with torch.no_grad():
+                            ref_logp, _ = token_stats(reference, micro.completion_ids, config.temperature,
+                                                      forward.head, config.logit_chunk_tokens)
+                        kl, surrogate = kl_penalty(logp, ref_logp, mask, config.kl_estimator, *full_kl)
                         loss = loss + config.kl_coef * surrogate.sum() / total_tokens
-                    update.backward(loss, last=first + config.micro_batch_size >= len(batch))
+                    update.backward(loss, last=first + rows_per_micro >= len(batch))
                     with torch.no_grad():
                         sums += torch.stack([loss.detach(), kl.sum() / total_tokens,
-                                             (entropy(logprobs_all) * mask).sum() / total_tokens])
+                                             (token_entropy * mask).sum() / total_tokens])
             sums = dict(zip(("loss", "kl", "entropy"), accelerator.reduce(sums, "sum").tolist(), strict=True))
             sampler_gap = accelerator.gather(sampler_gap).max().item() if engine_logp is not None else None
             grad_norm = update.step()  # all ranks' gradient, clipped; not applied when it is not finite
-            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            if update.overflowed:  # fp16: the loss scale was too high for this step's gradient
+                log.info("step %d: fp16 gradient overflow; update skipped, loss scale now %g", step, update.scale)
+            elif not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 bad_steps += 1
                 log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, bad_steps)
                 if bad_steps >= config.max_bad_steps:
@@ -298,6 +331,8 @@ def train(config: TrainConfig) -> Path:
                 **{k: v for k, v in sums.items()}, "grad_norm": grad_norm,
                 "z_dev_mean": deviation.mean().item(), "z_dev_max": deviation.max().item(),
                 "completion_len": generated / len(completions), "lr": update.lr(),
+                "update_tokens": accelerator.reduce(torch.tensor(update_tokens(batch, shared),
+                                                                 device=accelerator.device), "sum").item(),
                 "rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time,
                 "rollout_tok_s": generated / max(rollout_time, 1e-9),
                 "z_rank_spread": (checksum.max() - checksum.min()).item(),  # 0 unless the ranks' z diverged
@@ -379,7 +414,8 @@ def make_engine(config: TrainConfig, model, tokenizer, accelerator: Accelerator,
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer, resolve_model_path(config.model), seed=config.seed,
-                          gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+                          gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                          max_model_len=config.vllm_max_model_len)
     if config.engine == "vllm_server":
         from .vllm_engine import VLLMServerEngine
 

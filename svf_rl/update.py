@@ -85,9 +85,13 @@ class TorchUpdate:
         self.checkpoint_kwargs, self.load_kwargs = {}, {}
         self.z_params, optimizer, self.scheduler = _optimizer(model, config)
         self.optimizer = accelerator.prepare(optimizer)
+        # fp16 activations: their gradients underflow unless the loss is scaled (dynamically: halved on overflow).
+        fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+        self.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=2.0 ** 12) if fp16 else None
+        self.overflowed, self.scale = False, 1.0
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss if self.scaler is None else self.scaler.scale(loss))
 
     def step(self) -> float:
         """Apply the accumulated gradient; return its norm before clipping (not finite: nothing was applied)."""
@@ -95,9 +99,17 @@ class TorchUpdate:
             flat = self.accelerator.reduce(torch.cat([z.grad.flatten() for z in self.z_params]), "sum")
             for z, grad in zip(self.z_params, flat.split([z.numel() for z in self.z_params]), strict=True):
                 z.grad.copy_(grad.view_as(z))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.z_params, self.max_grad_norm).item()
-        if math.isfinite(norm):
+        self.overflowed = self.scaler is not None and not math.isfinite(norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the unscaled gradient is not finite
+            self.scaler.update()
+            self.scale = self.scaler.get_scale()
+        elif math.isfinite(norm):
             self.optimizer.step()
+        if math.isfinite(norm):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -139,6 +151,7 @@ class DeepSpeedUpdate:
             held = sum(p.ds_tensor.numel() for p in params) / max(1, sum(p.ds_numel for p in params))
             print(f"ZeRO-3: each rank holds {100 * held:.0f}% of the model's parameters (factors included)")
         self.world = accelerator.num_processes
+        self.overflowed, self.scale = False, 1.0
         # Only z is saved: the frozen factors are the base model's, and rebuilt from its SVD on resume.
         self.checkpoint_kwargs = {"exclude_frozen_parameters": True}
         self.load_kwargs = {"load_module_strict": False}

@@ -46,9 +46,8 @@ class VLLMEngine:
         threads = torch.get_num_threads()
         self.llm = LLM(
             model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
-            # CPU: fp32 (no bf16 hardware on most CPUs, and bf16 output degrades), eager (compiling takes minutes).
-            # GPU: the model's dtype, compiled with CUDA graphs.
-            dtype="float32" if cpu else model.dtype, enforce_eager=cpu,
+            # The trainer's dtype (config `dtype`). CPU: eager (compiling takes minutes); GPU: CUDA graphs.
+            dtype=str(model.dtype).removeprefix("torch."), enforce_eager=cpu,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled (T, top-p)
         )

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from svf_rl.engine import HFEngine, RolloutDistribution, Sampling
-from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
+from svf_rl.logprobs import completion_logprobs, make_token_batch
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def model_and_tokenizer(tiny_model_dir):
 def trainer_logprobs(model, completions, pad_id, temperature):
     batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions], pad_id)
     with torch.no_grad():
-        logp = of_tokens(torch.log_softmax(completion_logits(model, batch) / temperature, -1), batch.completion_ids)
+        logp = completion_logprobs(model, batch, temperature)
     return logp, batch.completion_mask
 
 

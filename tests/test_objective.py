@@ -3,6 +3,7 @@ import itertools
 import pytest
 import torch
 
+from svf_rl.logprobs import token_stats
 from svf_rl.objective import advantages, aggregate, kl_penalty, policy_loss
 
 
@@ -36,10 +37,10 @@ def test_unknown_baseline_is_rejected():
 
 
 def test_kl_estimators_are_zero_at_the_reference():
-    logp = torch.log(torch.tensor([[0.2, 0.5]]))
-    full = torch.log_softmax(torch.randn(1, 2, 7), -1)
+    logits = torch.randn(1, 2, 7)
+    logp, _, full_kl = token_stats(logits, torch.tensor([[3, 5]]), 1.0, ref_features=logits)
     for estimator in ("k1", "k3", "full"):
-        kl, _ = kl_penalty(logp, logp, torch.ones(1, 2), estimator, full, full)
+        kl, _ = kl_penalty(logp, logp, torch.ones(1, 2), estimator, full_kl)
         assert torch.allclose(kl, torch.zeros(1, 2), atol=1e-7)
 
 
@@ -52,7 +53,8 @@ def test_k3_is_never_negative_and_unbiased():
     k3, _ = kl_penalty(p.log()[samples], q.log()[samples], torch.ones(len(samples)), "k3")
     assert (k3 >= 0).all()
     assert torch.isclose(k3.mean(), exact, rtol=0.03)
-    full, _ = kl_penalty(torch.zeros(1), None, torch.ones(1), "full", p.log()[None], q.log()[None])
+    _, _, full_kl = token_stats(p_logits[None], torch.tensor([0]), 1.0, ref_features=q_logits[None])
+    full, _ = kl_penalty(torch.zeros(1), None, torch.ones(1), "full", full_kl)
     assert torch.isclose(full[0], exact, rtol=1e-5)
 
 
@@ -105,9 +107,10 @@ def expected_surrogate_gradient(theta, ref, estimator: str, surrogate) -> list[t
         logprobs, ref_logprobs = token_logprobs(*theta, y)[None], token_logprobs(*ref, y)[None]
         tokens = torch.tensor([list(y) + [EOS] * (2 - len(y))])
         mask = torch.tensor([[1.0] * len(y) + [0.0] * (2 - len(y))])
-        logp = logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+        # The trainer's own per-token statistics (log_softmax of log-probs is themselves).
+        logp, _, full_kl = token_stats(logprobs, tokens, 1.0, ref_features=ref_logprobs.detach())
         ref_logp = ref_logprobs.gather(-1, tokens[..., None]).squeeze(-1)
-        value = surrogate(logp, ref_logp, mask, estimator, logprobs, ref_logprobs).sum()
+        value = surrogate(logp, ref_logp, mask, estimator, full_kl).sum()
         probability = (logp * mask).sum().exp().detach()
         for grad, part in zip(grads, torch.autograd.grad(value, theta), strict=True):
             grad += probability * part

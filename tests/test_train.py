@@ -69,6 +69,18 @@ def run_training_process(config_path: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_run_trains_z_in_fp32(dtype, tiny_model_dir, tmp_path, capsys):
+    config = tiny_config(tiny_model_dir, tmp_path, dtype=dtype, steps=2, eval_every=2, weight_cache="policy",
+                         gradient_checkpointing=True, logit_chunk_tokens=3)
+    expert = load_expert(train(config))
+    assert all(z.dtype == torch.float32 for z in expert.vectors.values())
+    assert max((z - 1).abs().max().item() for z in expert.vectors.values()) > 1e-3
+    assert "predicted peak memory:" in capsys.readouterr().out
+    steps = [r for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["sampler_logp_gap"] < 0.5 for r in steps)
+
+
 def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     import yaml
 

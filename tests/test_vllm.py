@@ -15,7 +15,7 @@ import torch
 
 from svf_rl.base_model import cache_root, load_base_model
 from svf_rl.engine import Sampling
-from svf_rl.logprobs import completion_logits, make_token_batch, of_tokens
+from svf_rl.logprobs import completion_logprobs, make_token_batch
 from svf_rl.svd import weight_fingerprints
 from svf_rl.svf import apply_svf, policy_step, svf_layers
 from svf_rl.train import chat_ids, pad_logprobs, train
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow,
 def trainer_logprobs(model, completions, pad_id, grad=False):
     batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions], pad_id)
     with torch.set_grad_enabled(grad):
-        logp = of_tokens(torch.log_softmax(completion_logits(model, batch), -1), batch.completion_ids)
+        logp = completion_logprobs(model, batch)
     return logp, batch.completion_mask
 
 

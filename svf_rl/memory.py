@@ -1,0 +1,241 @@
+"""Peak memory of the trainer, predicted from the configuration, phase by phase.
+
+Everything the trainer holds is counted from shapes: the model's parameters (read off a meta-device copy of
+the architecture, so nothing is allocated), the SVD factors, z and AdamW, the kept W', and for each phase
+what lives only in it: generation's key/value cache, the activations autograd saves in the update, the
+vocabulary rows of the head, and the transients of one layer. The activation count follows the
+Llama-family decoder layer (RMSNorm, grouped-query SDPA attention, gated MLP: Llama, Mistral, Qwen2/3,
+SmolLM); tests/test_memory.py checks it byte for byte against what autograd saves, and
+benchmarks/bench_memory.py against measured peaks. Not counted: the CUDA context and the allocator's
+fragmentation (reserved minus allocated), and the Python runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+GiB = 2**30
+
+
+@dataclass
+class Shapes:
+    """What the estimate needs to know about the architecture and the SVF targets."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    params: int  # every parameter, tied ones once
+    targets: list[tuple[str, int, int]]  # (name, out, in) of each SVF matrix
+
+    @classmethod
+    def of(cls, model_config, targets: str) -> Shapes:
+        from transformers import AutoModelForCausalLM
+
+        from .svf import find_targets
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        names = find_targets(model, targets)
+        shapes = [(n, *model.get_submodule(n).weight.shape) for n in names]
+        params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+        return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
+                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size, params, shapes)
+
+
+@dataclass
+class MemoryEstimate:
+    resident: dict[str, int]  # bytes held for the whole run
+    phases: dict[str, dict[str, int]]  # bytes held only during each phase, on top of the resident ones
+    vllm: int = 0  # a colocated vLLM's own share
+    notes: list[str] = field(default_factory=list)
+
+    def phase_peak(self, phase: str) -> int:
+        return sum(self.resident.values()) + sum(self.phases[phase].values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phase_peak)
+
+    @property
+    def peak(self) -> int:
+        """The trainer's predicted peak, vLLM's share not included."""
+        return self.phase_peak(self.peak_phase)
+
+
+def layer_saved(shapes: Shapes, dtype: torch.dtype, layer_targets: list[tuple[str, int, int]],
+                strategy: dict[str, str], first_layer: bool) -> tuple[float, float]:
+    """Bytes autograd saves in one decoder layer's forward toward z: (per query token, per key token).
+
+    RMSNorm keeps its input in fp32 and one fp32 rsqrt per token; SDPA keeps q, the keys and values (repeated
+    to every query head), its output and an fp32 log-sum-exp per head; the gated MLP keeps the gate's output,
+    its activation and the up projection's output. Frozen linear layers keep nothing. An SVF matrix keeps its
+    fp32 Vᵀx (factored) or its input (compose; q, k and v share theirs, as gate and up do, and o_proj's is the
+    attention output). Nothing upstream
+    of the first layer's MLP depends on z unless its attention is targeted, so that layer keeps its MLP's only.
+    """
+    b = torch.finfo(dtype).bits // 8
+    d, f, q = shapes.hidden, shapes.intermediate, shapes.heads * shapes.head_dim
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    attention_targeted = any(name.rsplit(".", 1)[-1] not in mlp for name, _, _ in layer_targets)
+    grad_before_attention = not first_layer or attention_targeted
+    per_query, per_key = 3 * f * b, 0.0  # gate output, activation, up output
+    if grad_before_attention:
+        norms = 1 if first_layer else 2  # the first layer's input, the embeddings, needs no gradient
+        per_query += norms * (d * 4 + 4) + 2 * q * b + shapes.heads * 4  # norms' fp32 input, rsqrt; q, output; lse
+        per_key += 2 * q * b  # keys and values, repeated to every query head
+    # o_proj's input is a view of the attention output, which is kept already.
+    inputs = {"gate_proj": ("mlp", d), "up_proj": ("mlp", d), "down_proj": ("mid", f), "o_proj": ("o", 0)}
+    kept: set[str] = set()
+    for name, out, inp in layer_targets:
+        kind = name.rsplit(".", 1)[-1]
+        if strategy[name] == "factored":
+            per_query += min(out, inp) * 4
+            continue
+        source, width = inputs.get(kind, ("qkv", d))
+        if source not in kept and (source != "qkv" or grad_before_attention):
+            kept.add(source)
+            per_query += width * b
+    return per_query, per_key
+
+
+def saved_activations(shapes: Shapes, dtype: torch.dtype, strategy: dict[str, str],
+                      passes: list[tuple[int, int, int]], checkpointed: bool = False) -> tuple[int, int]:
+    """Bytes autograd keeps over the forwards `passes` of (rows, query length, key length) until backward, and
+    the most one layer's recomputation and gradients add during backward."""
+    b = torch.finfo(dtype).bits // 8
+    by_layer: dict[int | None, list] = {}
+    for target in shapes.targets:
+        by_layer.setdefault(_layer_index(target[0]), []).append(target)
+    layers = [layer_saved(shapes, dtype, by_layer.get(i, []), strategy, i == 0) for i in range(shapes.layers)]
+    kept, one_layer = 0.0, 0.0
+    for rows, query, key in passes:
+        queries = rows * query
+        per_layer = [per_query * queries + per_key * rows * key for per_query, per_key in layers]
+        if checkpointed:  # each layer keeps its input (the first's needs no gradient)
+            kept += (shapes.layers - 1) * shapes.hidden * b * queries
+        else:
+            kept += sum(per_layer)
+        kept += (shapes.hidden * 4 + 4) * queries  # the final norm
+        kept += rows * query * (key * b + 2 * shapes.head_dim * b)  # the attention mask, rotary cos and sin
+        one_layer += max(per_layer)
+    return int(kept), int(one_layer)
+
+
+def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.device | str = "cpu",
+                    prompt_tokens: int = 64, processes: int = 1, shapes: Shapes | None = None) -> MemoryEstimate:
+    """Predicted peak memory of one training process. `prompt_tokens`: the longest prompt, in tokens."""
+    from .svf import cheaper_strategy
+
+    shapes = shapes or Shapes.of(model_config, config.targets)
+    b = torch.finfo(dtype).bits // 8
+    P, C, G = prompt_tokens, config.max_new_tokens, config.generations_per_prompt
+    d, V = shapes.hidden, shapes.vocab
+    target_numel = sum(o * i for _, o, i in shapes.targets)
+    factor_numel = sum(o * min(o, i) + min(o, i) + min(o, i) * i for _, o, i in shapes.targets)
+    ranks = sum(min(o, i) for _, o, i in shapes.targets)
+
+    resident = {
+        "base weights (not SVF)": (shapes.params - target_numel) * b,
+        "U, s, Vᵀ": factor_numel * b,
+        "z, its gradient, AdamW": ranks * 4 * 4,
+    }
+    if config.weight_cache != "none":
+        resident["kept W'(z)"] = target_numel * b
+    if config.weight_cache == "all" and config.kl_coef > 0:
+        resident["kept W'(1)"] = target_numel * b
+
+    # The update: one micro-batch of whole prompt groups.
+    prompts = config.prompts_per_step // processes
+    sequences = prompts * G
+    rows = max(G, config.micro_batch_size // G * G) if config.shared_prefix else config.micro_batch_size
+    rows = min(rows, sequences)
+    if config.shared_prefix:
+        passes = [(rows // G, P, P)] + ([(rows, C - 1, P + C - 1)] if C > 1 else [])
+    else:
+        passes = [(rows, P + C, P + C)]
+    step_tokens = (prompts * P + sequences * max(C - 1, 0)) if config.shared_prefix else sequences * (P + C)
+    strategy = {name: config.forward_strategy if config.forward_strategy != "auto"
+                else cheaper_strategy(step_tokens, out, inp) for name, out, inp in shapes.targets}
+    saved, one_layer = saved_activations(shapes, dtype, strategy, passes, config.gradient_checkpointing)
+    saved += rows * C * d * b  # the hidden states fed to the head
+    tokens = sum(r * q for r, q, _ in passes)
+    composed = [(o, i) for name, o, i in shapes.targets if strategy[name] == "compose"]
+    step_weights = sum(o * i for o, i in composed) * b * (2 if config.weight_cache == "none" else 1)
+    chunk = min(config.logit_chunk_tokens or rows * C, rows * C)
+    full_kl = config.kl_coef > 0 and config.kl_estimator == "full"
+    head = chunk * V * (b + 20 + (b + 8 if full_kl else 0))  # logits, fp32 copies, softmax, their gradients
+    if not config.logit_chunk_tokens:
+        head += rows * C * V * 4  # the whole micro-batch's log-softmax, kept for backward
+    # Backward: one layer's gradients in flight, and under checkpointing its recomputed activations too.
+    layer_grads = one_layer * (2 if config.gradient_checkpointing else 1)
+    reference = _forward_transient(shapes, b, tokens) if config.kl_coef > 0 else 0
+    update = {
+        "saved activations": int(saved),
+        "step W' and ∂L/∂W'": step_weights,
+        "head, backward, reference (the largest)": int(max(head, layer_grads, reference)),
+    }
+    if config.kl_coef > 0:
+        update["reference hidden states"] = rows * C * d * b
+
+    # Rollouts with HF generate (vLLM engines hold their own memory), and evaluation.
+    phases = {"update": update}
+    if config.engine == "hf":
+        phases["rollout"] = _generation(shapes, b, sequences, P, C, config.weight_cache)
+    evaluation_new = max(config.max_new_tokens, config.base_eval_max_new_tokens)
+    phases["evaluation"] = _generation(shapes, b, min(config.eval_batch_size, max(config.eval_size, config.test_size)),
+                                       P, evaluation_new, config.weight_cache) if config.engine == "hf" else {}
+    largest = max(((o, i) for _, o, i in shapes.targets), key=lambda s: s[0] * s[1])
+    phases["SVD"] = {"original target weights (before replacement), one matrix's fp32 SVD":
+                     max(0, target_numel - factor_numel) * b + 16 * largest[0] * largest[1]}
+    estimate = MemoryEstimate(resident, phases)
+    if config.engine == "vllm":
+        if torch.device(device).type == "cuda" and torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+            estimate.vllm = int(config.vllm_gpu_memory_utilization * total)
+            estimate.notes.append(f"vLLM: {config.vllm_gpu_memory_utilization:.0%} of this GPU")
+        else:
+            kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+            estimate.vllm = int(shapes.params * b + kv * GiB)
+            estimate.notes.append(f"vLLM on CPU: its weights and a {kv:g} GiB KV cache")
+    return estimate
+
+
+def _layer_index(name: str) -> int | None:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _forward_transient(shapes: Shapes, b: int, tokens: int) -> int:
+    """A no-grad forward's largest moment: one layer's MLP intermediates and attention tensors."""
+    return int(tokens * (3 * shapes.intermediate + 4 * shapes.hidden + 2 * shapes.kv_heads * shapes.head_dim) * b)
+
+
+def _generation(shapes: Shapes, b: int, sequences: int, prompt: int, new: int, weight_cache: str) -> dict[str, int]:
+    kv = sequences * (prompt + new) * shapes.layers * 2 * shapes.kv_heads * shapes.head_dim * b
+    prefill = _forward_transient(shapes, b, sequences * prompt)
+    if weight_cache == "none":  # factored no-grad forwards keep an fp32 Vᵀx
+        prefill += sequences * prompt * min(shapes.hidden, shapes.intermediate) * 4
+    return {"key/value cache": kv, "prefill and sampling": prefill + sequences * shapes.vocab * 4 * 4}
+
+
+def memory_report(estimate: MemoryEstimate) -> str:
+    """One line per part, as printed at start-up."""
+    lines = [f"predicted peak memory: {estimate.peak / GiB:.2f} GiB (during {estimate.peak_phase})"
+             + (f", plus vLLM's {estimate.vllm / GiB:.2f} GiB" if estimate.vllm else "")]
+    for name, value in estimate.resident.items():
+        lines.append(f"  {name:<42}{value / GiB:8.2f} GiB")
+    for name, value in estimate.phases[estimate.peak_phase].items():
+        lines.append(f"  {estimate.peak_phase}: {name:<34}{value / GiB:8.2f} GiB")
+    return "\n".join(lines + [f"  {note}" for note in estimate.notes])
