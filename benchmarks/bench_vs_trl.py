@@ -28,19 +28,28 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def rss_gib() -> float:
+    """Resident memory now: taken after the imports, before the model loads, so that the peak above it counts
+    what each trainer allocates and not the libraries each imports."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) / 2**20
+
+
 def run_svf(steps: int) -> dict:
     from svf_rl.config import load_config
     from svf_rl.run_files import read_metrics
     from svf_rl.train import train
 
     out = tempfile.mkdtemp()
+    start = rss_gib()
     config = load_config(None, [f"output_dir={out}", f"steps={steps}", f"prompts_per_step={P}",
                                 f"generations_per_prompt={G}", f"max_new_tokens={T}", "eval_every=1000",
                                 "eval_size=1", "test_size=1", "log_with=[]", "progress=false", "save_every=1000"])
     train(config)
     steps_logged = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "reward" in r]
     times = [r["rollout_s"] + r["update_s"] + r["sync_s"] for r in steps_logged[1:]]
-    return {"step_s": statistics.median(times), "peak_rss_gib": peak_rss_gib()}
+    return {"step_s": statistics.median(times), "peak_rss_gib": peak_rss_gib(), "start_gib": start,
+            "update_s": statistics.median(r["update_s"] for r in steps_logged[1:])}
 
 
 def run_trl(steps: int) -> dict:
@@ -53,6 +62,7 @@ def run_trl(steps: int) -> dict:
     from tasks.arithmetic import Arithmetic
 
     task = Arithmetic()
+    start = rss_gib()
     model, tokenizer = load_base_model(EMBEDDED_MODEL)
     rows = task.rows("train", P * (steps + 1), 0)
     dataset = Dataset.from_list([{"prompt": task.prompt(r), "entry": r["entry"]} for r in rows])
@@ -75,7 +85,7 @@ def run_trl(steps: int) -> dict:
     stamps.append(time.perf_counter())
     trainer.train()
     times = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
-    return {"step_s": statistics.median(times), "peak_rss_gib": peak_rss_gib()}
+    return {"step_s": statistics.median(times), "peak_rss_gib": peak_rss_gib(), "start_gib": start}
 
 
 def main() -> None:
@@ -98,10 +108,11 @@ def main() -> None:
     svf, trl = results["svf"], results["trl"]
     print(f"SmolLM2-135M-Instruct, {P} prompts x {G} completions x {T} new tokens, HF generate, CPU, "
           f"median step after warm-up of {args.steps} steps")
-    print(f"{'':14}{'step s':>8}{'steps/s':>9}{'peak RSS GiB':>14}")
+    print(f"{'':14}{'step s':>8}{'steps/s':>9}{'peak RSS GiB':>14}{'above start GiB':>17}")
     for name, r in (("svf-rl (SVF)", svf), ("TRL GRPO+LoRA", trl)):
-        print(f"{name:14}{r['step_s']:>8.2f}{1 / r['step_s']:>9.3f}{r['peak_rss_gib']:>14.2f}")
-    print(f"svf-rl steps/s ÷ TRL steps/s = {trl['step_s'] / svf['step_s']:.2f}")
+        print(f"{name:14}{r['step_s']:>8.2f}{1 / r['step_s']:>9.3f}{r['peak_rss_gib']:>14.2f}"
+              f"{r['peak_rss_gib'] - r['start_gib']:>17.2f}")
+    print(f"svf-rl steps/s ÷ TRL steps/s = {trl['step_s'] / svf['step_s']:.2f}; svf-rl update {svf['update_s']:.2f} s")
 
 
 if __name__ == "__main__":

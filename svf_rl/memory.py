@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 GiB = 2**30
+HF_ROLLOUT_SEQUENCES = 256  # HFEngine's batch_size: sequences per generate() call
 
 
 @dataclass
@@ -60,7 +61,8 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
 
     def phase_peak(self, phase: str) -> int:
-        return sum(self.resident.values()) + sum(self.phases[phase].values())
+        held = sum(v for k, v in self.resident.items() if not (phase == "SVD" and k.startswith("kept")))
+        return held + sum(self.phases[phase].values())  # the kept W' are composed after the SVD
 
     @property
     def peak_phase(self) -> str:
@@ -190,14 +192,23 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
     # Rollouts with HF generate (vLLM engines hold their own memory), and evaluation.
     phases = {"update": update}
     if config.engine == "hf":
-        phases["rollout"] = _generation(shapes, b, sequences, P, C, config.weight_cache)
+        at_once = min(prompts, max(1, HF_ROLLOUT_SEQUENCES // G)) * G  # HFEngine's generate() calls
+        phases["rollout"] = _generation(shapes, b, at_once, P, C, config.weight_cache)
     evaluation_new = max(config.max_new_tokens, config.base_eval_max_new_tokens)
     phases["evaluation"] = _generation(shapes, b, min(config.eval_batch_size, max(config.eval_size, config.test_size)),
                                        P, evaluation_new, config.weight_cache) if config.engine == "hf" else {}
-    largest = max(((o, i) for _, o, i in shapes.targets), key=lambda s: s[0] * s[1])
-    phases["SVD"] = {"original target weights (before replacement), one matrix's fp32 SVD":
-                     max(0, target_numel - factor_numel) * b + 16 * largest[0] * largest[1]}
+    # apply_svf runs on the host before the model moves to its device: there, the base weights are all held
+    # until each target is replaced, plus copies of the kept ones (which let a mapped checkpoint file go).
+    largest = max(o * i for _, o, i in shapes.targets)
+    svd = {"base weights being replaced": target_numel * b, "copies of the kept weights": resident[
+        "base weights (not SVF)"], "one matrix's fp32 SVD": 16 * largest}
+    on_gpu = torch.device(device).type != "cpu"
+    if not on_gpu:
+        phases["SVD"] = svd
     estimate = MemoryEstimate(resident, phases)
+    if on_gpu:
+        host = (sum(svd.values()) + resident["base weights (not SVF)"] + resident["U, s, Vᵀ"]) / GiB
+        estimate.notes.append(f"host memory for the SVD at start-up: {host:.1f} GiB")
     if config.engine == "vllm":
         if torch.device(device).type == "cuda" and torch.cuda.is_available():
             total = torch.cuda.get_device_properties(torch.device(device)).total_memory
@@ -234,8 +245,35 @@ def memory_report(estimate: MemoryEstimate) -> str:
     """One line per part, as printed at start-up."""
     lines = [f"predicted peak memory: {estimate.peak / GiB:.2f} GiB (during {estimate.peak_phase})"
              + (f", plus vLLM's {estimate.vllm / GiB:.2f} GiB" if estimate.vllm else "")]
-    for name, value in estimate.resident.items():
-        lines.append(f"  {name:<42}{value / GiB:8.2f} GiB")
-    for name, value in estimate.phases[estimate.peak_phase].items():
-        lines.append(f"  {estimate.peak_phase}: {name:<34}{value / GiB:8.2f} GiB")
+    svd = estimate.peak_phase == "SVD"
+    parts = [(k, v) for k, v in estimate.resident.items() if not (svd and k.startswith("kept"))]
+    parts += [(f"{estimate.peak_phase}: {name}", value) for name, value in estimate.phases[estimate.peak_phase].items()]
+    width = max(len(name) for name, _ in parts) + 2
+    lines += [f"  {name:<{width}}{value / GiB:8.2f} GiB" for name, value in parts]
     return "\n".join(lines + [f"  {note}" for note in estimate.notes])
+
+
+def predict_run(config, model_config_path: str | None = None, prompt_tokens: int = 256, gpu_gib: float = 80.0,
+                auto_dtype: str = "bfloat16") -> str:
+    """`svf-rl memory`: the prediction for a configuration on a GPU of `gpu_gib`, from the model's config.json
+    alone, and whether it fits with a colocated vLLM's share."""
+    from transformers import AutoConfig
+
+    from .base_model import DTYPES, resolve_model_path
+
+    source = model_config_path or resolve_model_path(config.model)
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the config of {source!r} ({str(err).splitlines()[0]}); "
+                                f"give --model-config path/to/config.json") from None
+    dtype = DTYPES[auto_dtype if config.dtype == "auto" else config.dtype]
+    estimate = estimate_memory(config, model_config, dtype, "cpu", prompt_tokens)
+    if config.engine == "vllm":
+        estimate.vllm = int(config.vllm_gpu_memory_utilization * gpu_gib * GiB)
+        estimate.notes = [f"vLLM: {config.vllm_gpu_memory_utilization:.0%} of {gpu_gib:g} GiB"]
+    total = (estimate.peak + estimate.vllm) / GiB
+    verdict = "fits" if total <= gpu_gib else "does not fit"
+    return (f"{memory_report(estimate)}\n{total:.1f} GiB in all: {verdict} in {gpu_gib:g} GiB "
+            f"({str(dtype).removeprefix('torch.')}, prompts up to {prompt_tokens} tokens; CUDA context and "
+            f"allocator slack not included)")

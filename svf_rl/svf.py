@@ -185,6 +185,13 @@ def apply_svf(model: nn.Module, targets: str = "mlp", strategy: str = "auto",
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             bar.advance(job)
+    # Weights loaded on CPU from safetensors are views of the mapped file, which stays mapped, and the replaced
+    # weights' pages resident, while any view lives: copies of the kept ones let the file go.
+    factors = {id(p) for layer in svf_layers(model).values() for p in layer.parameters()}
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.device.type == "cpu" and id(param) not in factors:
+                param.data = param.data.clone()
     return names
 
 

@@ -75,3 +75,17 @@ def test_each_lever_lowers_the_predicted_peak():
         assert peak(**lever) < everything, lever
     report = memory_report(estimate_memory(make_config(base), None, torch.bfloat16, "cpu", 256, shapes=shapes))
     assert report.startswith("predicted peak memory:") and "U, s, Vᵀ" in report
+
+
+def test_the_shipped_8b_configuration_fits_one_80gb_gpu_with_its_vllm_share():
+    from svf_rl.cli import main
+    from svf_rl.config import load_config
+    from svf_rl.memory import predict_run
+
+    text = predict_run(load_config("launch/gsm8k_vllm.yaml"), "launch/models/llama-3.1-8b.json", 256, 80.0)
+    assert "fits in 80 GiB" in text and "does not fit" not in text
+    without_levers = predict_run(load_config("launch/gsm8k_vllm.yaml", ["weight_cache=all",
+                                                                        "gradient_checkpointing=false"]),
+                                 "launch/models/llama-3.1-8b.json", 256, 80.0)
+    assert "does not fit" in without_levers
+    assert main(["memory", "--model-config", "launch/models/missing.json"]) == 2  # one line, no traceback
