@@ -47,9 +47,11 @@ class TokenBatch:
         return self.input_ids.shape[1] - self.completion_ids.shape[1]
 
 
-def make_token_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> TokenBatch:
+def make_token_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, width: int = 1
+                     ) -> TokenBatch:
+    """`width`: the least completion width (padding); ranks give the same one where their forwards are collective."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max(1, max(len(c) for c in completions))
+    width = max(width, max(len(c) for c in completions))
     completion_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(completions), width))
     for row, tokens in enumerate(completions):

@@ -160,8 +160,12 @@ def train(config: TrainConfig) -> Path:
     if dtype == torch.float16 and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise TrainingError("dtype=float16 needs loss scaling, which svf-rl does only without DeepSpeed; "
                             "use dtype=bfloat16 (or float32) with DeepSpeed")
-    with whole_matrices(accelerator):
+    with whole_matrices(accelerator):  # also keeps ZeRO-3 out of the memory model's meta-device copy
         model, tokenizer = load_base_model(config.model, dtype)
+        if main:
+            longest = max(len(chat_ids(tokenizer, task.prompt(row))) for row in train_rows[:256] + test_rows[:256])
+            accelerator.print(memory_report(estimate_memory(config, model.config, dtype, accelerator.device,
+                                                            longest, world)))
     base_weights = weight_fingerprints(model)  # every base weight, before apply_svf replaces the targets
     fingerprint = model_fingerprint(model, base_weights)
     if previous.get("base_fingerprint", fingerprint) != fingerprint:
@@ -176,10 +180,6 @@ def train(config: TrainConfig) -> Path:
     update = make_update(accelerator, model, config)  # AdamW on z; DeepSpeed's engine when launched with it
     policy = update.module  # what training forwards call: the model, or the DeepSpeed engine around it
     forward = plan_forward(model, config.shared_prefix)
-    if main:
-        longest = max(len(chat_ids(tokenizer, task.prompt(row))) for row in train_rows[:256] + test_rows[:256])
-        estimate = estimate_memory(config, model.config, dtype, accelerator.device, longest, world)
-        accelerator.print(memory_report(estimate))
     z_params = [layer.z for layer in svf_layers(model).values()]
     state = RunState(model)
     accelerator.register_for_checkpointing(state, update.scheduler)  # custom_checkpoint_0 is the run state
@@ -259,8 +259,12 @@ def train(config: TrainConfig) -> Path:
             # 3. REINFORCE + KL on z, in micro-batches of whole groups; each group's prompt runs once (shared
             # prefix), and composing layers share the rollouts' W' for the whole step.
             start = time.perf_counter()
+            # One completion width on every rank: ZeRO-3 gathers weights in each forward and head chunk, so the
+            # ranks must run as many.
+            width = accelerator.reduce(torch.tensor(max(len(c.ids) for c in completions), device=accelerator.device),
+                                       "max").item()
             batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
-                                     tokenizer.pad_token_id).to(accelerator.device)
+                                     tokenizer.pad_token_id, width).to(accelerator.device)
             shared = group if forward.shared_prefix else 1
             # Normalised by the whole step's counts, so the ranks' gradients add up to the single-process one.
             total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
