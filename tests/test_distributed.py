@@ -126,3 +126,13 @@ def test_deepspeed_launches_that_would_train_wrongly_stop_with_one_line(flags, e
     output = launch("zero2", config, 29527, flags, env, check=False)
     assert f"svf-rl train: error: {message}" in output
     assert not (Path(config.output_dir) / "checkpoints").exists()
+
+
+def test_zero3_trains_a_bf16_model_with_z_in_fp32(tiny_model_dir, tmp_path):
+    """bf16 factors sharded by ZeRO-3 next to fp32 z: both ranks step together and z moves."""
+    config = tiny_config(tiny_model_dir, tmp_path, steps=2, save_every=2, eval_every=2, dtype="bfloat16", **SHARED)
+    launch("zero3", config, 29531)
+    assert [s["z_rank_spread"] for s in step_metrics(Path(config.output_dir))] == [0.0, 0.0]
+    z = z_at(Path(config.output_dir), 2)
+    assert all(v.dtype == torch.float32 for v in z.values())
+    assert max((v - 1).abs().max().item() for v in z.values()) > 1e-3
