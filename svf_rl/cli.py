@@ -1,4 +1,4 @@
-"""Command line: svf-rl train | memory | export | inspect | tasks."""
+"""Command line: svf-rl train | memory | eval | compose | export | inspect | tasks."""
 
 from __future__ import annotations
 
@@ -22,6 +22,25 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory, for vLLM's share and the fit")
     memory.add_argument("--dtype", default="bfloat16", help="what dtype=auto means on that GPU")
     memory.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate = commands.add_parser("eval", help="score the base model, an expert or a composition on a task")
+    evaluate.add_argument("experts", nargs="*", help="expert files (none: the base model; several: composed)")
+    evaluate.add_argument("--task", required=True, help="task name, module:Name or path/to/file.py:Name")
+    evaluate.add_argument("--model", default=None, help="base model (default: the experts' own, or the embedded one)")
+    evaluate.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--size", type=int, default=200, help="problems drawn (each distinct one counted once)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--samples", type=int, default=0, help="samples per problem for pass@k (0: greedy only)")
+    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--output", help="JSON file for the result (default: eval_<task>_<split>.json)")
+    mix = commands.add_parser("compose", help="mix experts into one: z' = Σ α_k z_k")
+    mix.add_argument("experts", nargs="+", help="expert files")
+    mix.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
+    mix.add_argument("--alpha-file", help="JSON {module: [one weight per expert]} for per-module mixing")
+    mix.add_argument("--output", "-o", required=True, help="expert file to write")
     export = commands.add_parser("export", help="write the expert file of a checkpoint")
     export.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
     export.add_argument("output", help="expert file to write (.safetensors)")
@@ -49,6 +68,36 @@ def main(argv: list[str] | None = None) -> int:
 
             print(predict_run(load_config(args.config, args.overrides), args.model_config, args.prompt_tokens,
                               args.gpu_gib, args.dtype))
+        elif args.command == "eval":
+            import json
+
+            from .base_model import EMBEDDED_MODEL
+            from .evaluate import evaluate as run_eval
+            from .expert import load_expert
+
+            model = args.model or (load_expert(args.experts[0]).base_model if args.experts else EMBEDDED_MODEL)
+            output = args.output or f"eval_{args.task.replace('/', '_').replace(':', '_')}_{args.split}.json"
+            result = run_eval(model, args.task, args.experts, args.alpha, split=args.split, size=args.size,
+                              seed=args.seed, max_new_tokens=args.max_new_tokens, samples=args.samples,
+                              temperature=args.temperature, engine=args.engine, dtype=args.dtype, output=output)
+            print(json.dumps(result, indent=2))
+            print(f"result written to {output}")
+        elif args.command == "compose":
+            import json
+
+            from .compose import compose
+            from .expert import load_expert, save_expert
+
+            experts = [load_expert(path) for path in args.experts]
+            if args.alpha_file:
+                try:
+                    alpha = json.loads(open(args.alpha_file).read())
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"--alpha-file {args.alpha_file}: {err}") from None
+            else:
+                alpha = args.alpha or [1.0 / len(experts)] * len(experts)
+            save_expert(compose(experts, alpha, args.experts), args.output)
+            print(f"composed expert written to {args.output}")
         elif args.command == "export":
             from .export import export_checkpoint
 

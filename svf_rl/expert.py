@@ -164,6 +164,11 @@ def describe_expert(expert: Expert) -> str:
         f"z               mean {zs.mean():.4f}  min {zs.min():.4f}  max {zs.max():.4f}",
         f"|z - 1|         mean {dev.mean():.2e}  max {dev.max():.2e}",
     ]
+    composition = expert.config.get("composition") or {}
+    for k, part in enumerate(composition.get("parts", [])):
+        alpha = composition["alpha"]
+        weight = alpha[k] if isinstance(alpha, list) else "per module"
+        lines.append(f"part            {part['name']} (task {part['task']}, z {part['z_sha256'][:12]}): α {weight}")
     for name, value in sorted(expert.scores.items()):
         lines.append(f"score           {name}: {value}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .rewards import as_completion, reward_name
 
+log = logging.getLogger("svf_rl")
 ENTRY_POINT_GROUP = "svf_rl.tasks"
 RewardFunc = Callable[..., list]  # TRL's signature: f(prompts, completions, **columns) -> list[float | None]
 
@@ -132,3 +134,17 @@ def load_task(spec: str, args: dict | None = None) -> Task:
     if not task.reward_funcs:
         raise TaskError(f"task {spec!r} defines no reward functions")
     return task
+
+
+def unique_rows(task, rows: list[dict], split: str) -> list[dict]:
+    """Held-out rows with each prompt once: a repeated problem would count twice and narrow the interval."""
+    seen, unique = set(), []
+    for row in rows:
+        key = repr(task.prompt(row))
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    if len(unique) < len(rows):
+        log.warning("task %s: the %s split repeats problems; scoring its %d unique ones of %d drawn",
+                    task.name, split, len(unique), len(rows))
+    return unique

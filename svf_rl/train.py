@@ -17,7 +17,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_obj
 
 from .base_model import cache_root, load_base_model, resolve_dtype, resolve_model_path
 from .config import TrainConfig, config_dict
-from .engine import HFEngine, Sampling
+from .engine import HFEngine, Sampling, chat_ids
 from .expert import Expert, load_expert, save_expert
 from .export import read_run_info, write_run_info
 from .logprobs import checkpoint_layers, completion_features, make_token_batch, plan_forward, token_stats, update_tokens
@@ -46,7 +46,7 @@ from .svf import (
     svf_layers,
     z_vectors,
 )
-from .task import check_reward_columns, load_task
+from .task import check_reward_columns, load_task, unique_rows
 from .update import make_update, whole_matrices
 
 log = logging.getLogger("svf_rl")
@@ -71,25 +71,6 @@ class RunState:
         load_z(self.model, state["z"])
         self.step, self.best_accuracy = state["step"], state["best_accuracy"]
         self.base_test = state.get("base_test", {})
-
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return list(ids)
-
-
-def unique_rows(task, rows: list[dict], split: str) -> list[dict]:
-    """Held-out rows with each prompt once: a repeated problem would count twice and narrow the interval."""
-    seen, unique = set(), []
-    for row in rows:
-        key = repr(task.prompt(row))
-        if key not in seen:
-            seen.add(key)
-            unique.append(row)
-    if len(unique) < len(rows):
-        log.warning("task %s: the %s split repeats problems; scoring its %d unique ones of %d drawn",
-                    task.name, split, len(unique), len(rows))
-    return unique
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ def test_a_split_smaller_than_asked_gives_all_its_distinct_problems(monkeypatch,
 
 
 def test_training_scores_each_repeated_held_out_problem_once(caplog):
-    from svf_rl.train import unique_rows
+    from svf_rl.task import unique_rows
 
     task = load_task("arithmetic")
     rows = task.rows("test", 5, 0)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from svf_rl.base_model import cache_root, load_base_model
-from svf_rl.engine import Sampling
+from svf_rl.engine import Sampling, chat_ids
 from svf_rl.logprobs import completion_logprobs, make_token_batch
 from svf_rl.svd import weight_fingerprints
 from svf_rl.svf import apply_svf, policy_step, svf_layers
-from svf_rl.train import chat_ids, pad_logprobs, train
+from svf_rl.train import pad_logprobs, train
 from tests.test_distributed import assert_same_z, launch, step_metrics, z_at
 from tests.test_train import tiny_config
 

@@ -1,0 +1,107 @@
+"""Score the base model, an expert or a composition of experts on a task's split.
+
+Greedy accuracy with a 95% Wilson interval over distinct problems, and, from n samples per problem, the
+unbiased pass@k of Chen et al. (2021): 1 − C(n−c, k) / C(n, k) for c correct samples, averaged over problems.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from .base_model import cache_root, load_base_model, resolve_dtype, resolve_model_path
+from .compose import compose
+from .engine import HFEngine, Sampling, chat_ids
+from .expert import Expert, load_expert
+from .run_files import wilson_interval, write_atomic
+from .svd import model_fingerprint
+from .svf import apply_expert, apply_svf
+from .task import load_task, unique_rows
+
+log = logging.getLogger(__name__)
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from `samples` is correct."""
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def model_with_experts(model: str, experts: list[Expert], alpha=None, dtype: str = "auto", names=None):
+    """(model, tokenizer, the applied expert or None): the base model, with SVF and the (composed) z if given."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_obj, tokenizer = load_base_model(model, resolve_dtype(dtype, device))
+    if not experts:
+        return model_obj, tokenizer, None
+    expert = experts[0] if len(experts) == 1 and alpha is None else compose(experts, alpha or [1.0 / len(experts)]
+                                                                            * len(experts), names)
+    fingerprint = model_fingerprint(model_obj)
+    apply_svf(model_obj, expert.targets, cache_dir=cache_root() / "svd", progress=False)
+    apply_expert(model_obj, expert, fingerprint)
+    return model_obj, tokenizer, expert
+
+
+def score(task, rows: list[dict], completions: list[str]) -> list[float]:
+    scores = []
+    for row, text in zip(rows, completions, strict=True):
+        try:
+            scores.append(float(task.score(text, row)))
+        except Exception as err:  # counted as wrong, as in training
+            log.warning("task %s: score raised %s: %s; counted as wrong", task.name, type(err).__name__, err)
+            scores.append(0.0)
+    return scores
+
+
+def evaluate(model: str, task: str, experts: list[str] = (), alpha=None, task_args: dict | None = None,
+             split: str = "test", size: int = 200, seed: int = 0, max_new_tokens: int = 64, samples: int = 0,
+             temperature: float = 1.0, top_p: float = 1.0, engine: str = "hf", batch_size: int = 64,
+             dtype: str = "auto", output: str | Path | None = None) -> dict:
+    """Greedy accuracy (and pass@k from `samples` samples per problem, if > 0) of the model with the experts
+    (none: the base model; several: composed with `alpha`, equal weights by default). Written to `output` as
+    JSON when given."""
+    task_obj = load_task(task, task_args or {})
+    rows = unique_rows(task_obj, task_obj.rows(split, size, seed), split)
+    loaded = [load_expert(path) for path in experts]
+    model_obj, tokenizer, expert = model_with_experts(model, loaded, alpha, dtype, [str(p) for p in experts])
+    if torch.cuda.is_available():
+        model_obj.to("cuda")
+    if engine == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        rollouts = VLLMEngine(model_obj, tokenizer, resolve_model_path(model), seed=seed)
+    else:
+        rollouts = HFEngine(model_obj, tokenizer)
+    prompts = [chat_ids(tokenizer, task_obj.prompt(row)) for row in rows]
+    greedy = []
+    for first in range(0, len(prompts), batch_size):
+        greedy += rollouts.generate(prompts[first:first + batch_size], Sampling(1, 0.0, 1.0, max_new_tokens))
+    scores = score(task_obj, rows, [c.text for c in greedy])
+    correct = sum(scores)  # the task's held-out score, as in training
+    low, high = wilson_interval(correct, len(rows))
+    result = {"model": model, "experts": [str(p) for p in experts], "alpha": alpha, "task": task_obj.name,
+              "split": split, "n": len(rows), "accuracy": correct / len(rows), "accuracy_low": low,
+              "accuracy_high": high, "max_new_tokens": max_new_tokens}
+    if samples > 0:
+        per_call = max(1, batch_size // samples)
+        sampled = []
+        for first in range(0, len(prompts), per_call):
+            sampled += rollouts.generate(prompts[first:first + per_call],
+                                         Sampling(samples, temperature, top_p, max_new_tokens))
+        repeated = [row for row in rows for _ in range(samples)]
+        hits_per_row = torch.tensor(score(task_obj, repeated, [c.text for c in sampled])).view(len(rows), samples)
+        counts = (hits_per_row >= 1.0).sum(1).tolist()
+        ks = sorted({1, samples} | {k for k in (2, 4, 8, 16) if k < samples})
+        result["pass_at_k"] = {str(k): sum(pass_at_k(samples, c, k) for c in counts) / len(rows) for k in ks}
+        result.update(samples=samples, temperature=temperature, top_p=top_p)
+    if expert is not None:
+        result["composition"] = expert.config.get("composition")
+    result["greedy"] = [{"prompt": task_obj.prompt(row)[-1]["content"], "completion": c.text, "score": value}
+                        for row, c, value in zip(rows, greedy, scores, strict=True)]
+    if output is not None:
+        write_atomic(Path(output), json.dumps(result, indent=2))
+    return result
