@@ -9,6 +9,8 @@ from typing import Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+HF_BATCH_SEQUENCES = 256  # sequences per generate() call of the HF engine
+
 
 @dataclass
 class Sampling:
@@ -98,7 +100,7 @@ def neutral_generation_defaults(model):
 class HFEngine:
     """`model.generate` on the SVF model itself; its no-grad forwards use the cached W'."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 256):
+    def __init__(self, model, tokenizer, batch_size: int = HF_BATCH_SEQUENCES):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])

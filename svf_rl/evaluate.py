@@ -7,7 +7,6 @@ unbiased pass@k of Chen et al. (2021): 1 − C(n−c, k) / C(n, k) for c correct
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from .expert import Expert, load_expert
 from .run_files import wilson_interval, write_atomic
 from .svd import model_fingerprint
 from .svf import apply_expert, apply_svf
-from .task import load_task, unique_rows
-
-log = logging.getLogger(__name__)
+from .task import load_task, safe_score, unique_rows
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -47,14 +44,7 @@ def model_with_experts(model: str, experts: list[Expert], alpha=None, dtype: str
 
 
 def score(task, rows: list[dict], completions: list[str]) -> list[float]:
-    scores = []
-    for row, text in zip(rows, completions, strict=True):
-        try:
-            scores.append(float(task.score(text, row)))
-        except Exception as err:  # counted as wrong, as in training
-            log.warning("task %s: score raised %s: %s; counted as wrong", task.name, type(err).__name__, err)
-            scores.append(0.0)
-    return scores
+    return [safe_score(task, text, row) for row, text in zip(rows, completions, strict=True)]
 
 
 def evaluate(model: str, task: str, experts: list[str] = (), alpha=None, task_args: dict | None = None,

@@ -137,8 +137,8 @@ def head_is_plain(model) -> bool:
     ids = torch.arange(1, 6, device=head.weight.device)[None] % head.out_features
     logits = model(input_ids=ids, use_cache=False).logits
     with hidden_states_out(model):
-        hidden = model(input_ids=ids, use_cache=False).logits
-    return logits.shape == head(hidden).shape and torch.equal(logits, head(hidden))
+        rebuilt = head(model(input_ids=ids, use_cache=False).logits)
+    return logits.shape == rebuilt.shape and torch.equal(logits, rebuilt)
 
 
 @dataclass

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 
 GiB = 2**30
-HF_ROLLOUT_SEQUENCES = 256  # HFEngine's batch_size: sequences per generate() call
 
 
 @dataclass
@@ -136,6 +135,7 @@ def saved_activations(shapes: Shapes, dtype: torch.dtype, strategy: dict[str, st
 def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.device | str = "cpu",
                     prompt_tokens: int = 64, processes: int = 1, shapes: Shapes | None = None) -> MemoryEstimate:
     """Predicted peak memory of one training process. `prompt_tokens`: the longest prompt, in tokens."""
+    from .engine import HF_BATCH_SEQUENCES
     from .svf import cheaper_strategy
 
     shapes = shapes or Shapes.of(model_config, config.targets)
@@ -192,7 +192,7 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
     # Rollouts with HF generate (vLLM engines hold their own memory), and evaluation.
     phases = {"update": update}
     if config.engine == "hf":
-        at_once = min(prompts, max(1, HF_ROLLOUT_SEQUENCES // G)) * G  # HFEngine's generate() calls
+        at_once = min(prompts, max(1, HF_BATCH_SEQUENCES // G)) * G  # HFEngine's generate() calls
         phases["rollout"] = _generation(shapes, b, at_once, P, C, config.weight_cache)
     evaluation_new = max(config.max_new_tokens, config.base_eval_max_new_tokens)
     phases["evaluation"] = _generation(shapes, b, min(config.eval_batch_size, max(config.eval_size, config.test_size)),

@@ -148,3 +148,11 @@ def unique_rows(task, rows: list[dict], split: str) -> list[dict]:
         log.warning("task %s: the %s split repeats problems; scoring its %d unique ones of %d drawn",
                     task.name, split, len(unique), len(rows))
     return unique
+
+
+def safe_score(task, completion: str, row: dict) -> float:
+    try:
+        return task.score(completion, row)
+    except Exception as err:  # counted as wrong; a reward that keeps raising stops the run in the training loop
+        log.warning("task %s: score raised %s: %s; counted as wrong", task.name, type(err).__name__, err)
+        return 0.0

@@ -46,7 +46,7 @@ from .svf import (
     svf_layers,
     z_vectors,
 )
-from .task import check_reward_columns, load_task, unique_rows
+from .task import check_reward_columns, load_task, safe_score, unique_rows
 from .update import make_update, whole_matrices
 
 log = logging.getLogger("svf_rl")
@@ -91,14 +91,6 @@ def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, acc
     correct = accelerator.reduce(torch.tensor(float(correct), device=accelerator.device), "sum").item()
     low, high = wilson_interval(correct, len(rows))
     return {"accuracy": correct / len(rows), "accuracy_low": low, "accuracy_high": high, "n": len(rows)}
-
-
-def safe_score(task, completion: str, row: dict) -> float:
-    try:
-        return task.score(completion, row)
-    except Exception as err:  # counted as wrong; a reward that keeps raising stops the run in the training loop
-        log.warning("task %s: score raised %s: %s; counted as wrong", task.name, type(err).__name__, err)
-        return 0.0
 
 
 def train(config: TrainConfig) -> Path:
