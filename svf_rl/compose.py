@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from .expert import Expert, ExpertError
+from .expert import PARAMETRISATION, Expert, ExpertError
 
 
 def z_digest(expert: Expert) -> str:
@@ -22,6 +22,11 @@ def check_composable(experts: list[Expert], names: list[str]) -> None:
     """One line if the experts cannot be mixed: another base model, other targets or other modules."""
     if not experts:
         raise ExpertError("nothing to compose: give at least one expert")
+    for expert, name in zip(experts, names, strict=True):
+        if expert.parametrisation != PARAMETRISATION:
+            raise ExpertError(f"{name} holds {expert.parametrisation} vectors, whose z depends on the base model's "
+                              f"singular values: import it with --as-z, or mix it in svf-rl eval or adapt, which "
+                              f"convert it on the model")
     first = experts[0]
     for expert, name in zip(experts[1:], names[1:], strict=True):
         if expert.base_fingerprint != first.base_fingerprint:

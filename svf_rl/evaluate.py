@@ -15,10 +15,10 @@ import torch
 from .base_model import cache_root, load_base_model, resolve_dtype, resolve_model_path
 from .compose import compose
 from .engine import HFEngine, Sampling, chat_ids
-from .expert import Expert, load_expert
+from .expert import Expert, ExpertError, as_scale_expert, load_expert
 from .run_files import wilson_interval, write_atomic
 from .svd import model_fingerprint
-from .svf import apply_expert, apply_svf
+from .svf import apply_svf, load_z, svf_layers
 from .task import load_task, safe_score, unique_rows
 
 
@@ -29,17 +29,38 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
+def load_model(model: str, dtype: str = "auto"):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_base_model(model, resolve_dtype(dtype, device))  # on CPU: the SVD runs there, then .to(device)
+
+
+def experts_on_model(model, experts: list[Expert], names: list[str] | None = None) -> list[Expert]:
+    """Give the base model SVF layers for the experts' targets and return the experts in z form, each checked
+    against the model (names, sizes, base fingerprint) in one line."""
+    names = names or [expert.task or f"expert {k}" for k, expert in enumerate(experts)]
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, experts[0].targets, cache_dir=cache_root() / "svd", progress=False)
+    layers = svf_layers(model)
+    shapes = {name: layer.z.numel() for name, layer in layers.items()}
+    resolved = []
+    for expert, name in zip(experts, names, strict=True):
+        try:
+            expert.check_compatible(shapes, fingerprint, experts[0].targets)
+        except ExpertError as err:
+            raise ExpertError(f"{name}: {err}") from None
+        resolved.append(as_scale_expert(expert, lambda module: layers[module].s))
+    return resolved
+
+
 def model_with_experts(model: str, experts: list[Expert], alpha=None, dtype: str = "auto", names=None):
     """(model, tokenizer, the applied expert or None): the base model, with SVF and the (composed) z if given."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_obj, tokenizer = load_base_model(model, resolve_dtype(dtype, device))
+    model_obj, tokenizer = load_model(model, dtype)
     if not experts:
         return model_obj, tokenizer, None
+    experts = experts_on_model(model_obj, experts, names)
     expert = experts[0] if len(experts) == 1 and alpha is None else compose(experts, alpha or [1.0 / len(experts)]
                                                                             * len(experts), names)
-    fingerprint = model_fingerprint(model_obj)
-    apply_svf(model_obj, expert.targets, cache_dir=cache_root() / "svd", progress=False)
-    apply_expert(model_obj, expert, fingerprint)
+    load_z(model_obj, expert.vectors)
     return model_obj, tokenizer, expert
 
 

@@ -1,8 +1,12 @@
 """Expert vector files (format v1): the only place that knows how they are written and read.
 
-A safetensors file whose keys are module names and whose values are z in fp32; string metadata
+A safetensors file whose keys are module names and whose values are fp32 vectors; string metadata
 carries the format version, base model and fingerprint, targets, parametrisation, task, training
-config, eval scores and the svf-rl version.
+config, eval scores and the svf-rl version. The parametrisation says what the vectors mean:
+
+- singular-value-scale: z itself, W' = U diag(s ⊙ z) Vᵀ (what svf-rl trains);
+- sigmoid-rescaled: Sakana's raw pre-sigmoid p, W' = U diag(s ⊙ σ(p)) Vᵀ · Σs / Σ(s ⊙ σ(p)), as their
+  Transformer² code applies it. That is z = σ(p) · Σs / Σ(s ⊙ σ(p)), which needs the base model's s.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from . import __version__
 FORMAT = "svf-expert"
 FORMAT_VERSION = "1"
 PARAMETRISATION = "singular-value-scale"  # W' = U diag(s ⊙ z) Vᵀ
+SIGMOID_RESCALED = "sigmoid-rescaled"  # Sakana's p: W' = U diag(s ⊙ σ(p)) Vᵀ · Σs / Σ(s ⊙ σ(p))
+PARAMETRISATIONS = (PARAMETRISATION, SIGMOID_RESCALED)
 
 
 class ExpertError(ValueError):
@@ -112,9 +118,9 @@ def load_expert(path: str | Path) -> Expert:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExpertError(f"{path} has expert format version {meta.get('format_version')!r}; "
                           f"this svf-rl reads version {FORMAT_VERSION}")
-    if meta.get("parametrisation") != PARAMETRISATION:
+    if meta.get("parametrisation") not in PARAMETRISATIONS:
         raise ExpertError(f"{path} uses parametrisation {meta.get('parametrisation')!r}; "
-                          f"expected {PARAMETRISATION!r}")
+                          f"this svf-rl reads {' and '.join(PARAMETRISATIONS)}")
     check_vectors(vectors, str(path))
     return Expert(
         vectors=vectors,
@@ -127,6 +133,32 @@ def load_expert(path: str | Path) -> Expert:
         parametrisation=meta["parametrisation"],
         svf_rl_version=meta.get("svf_rl_version", ""),
     )
+
+
+def module_z(expert: Expert, name: str, s: torch.Tensor) -> torch.Tensor:
+    """One module's z, W' = U diag(s ⊙ z) Vᵀ, given that module's singular values s."""
+    vector = expert.vectors[name]
+    if expert.parametrisation == PARAMETRISATION:
+        return vector
+    s, m = s.double(), torch.sigmoid(vector.double())  # sigmoid-rescaled, in fp64: a ratio of two sums
+    return (m * (s.sum() / (s * m).sum())).float()
+
+
+def scale_vectors(expert: Expert, singular_values) -> dict[str, torch.Tensor]:
+    """The expert as z for every module. `singular_values(name)` gives a module's s; it is called only for
+    parametrisations that depend on it."""
+    if expert.parametrisation == PARAMETRISATION:
+        return expert.vectors
+    return {name: module_z(expert, name, singular_values(name)) for name in expert.vectors}
+
+
+def as_scale_expert(expert: Expert, singular_values) -> Expert:
+    """The same W' as an expert in z form, which composes and trains like any svf-rl expert."""
+    if expert.parametrisation == PARAMETRISATION:
+        return expert
+    config = {**expert.config, "converted_from": expert.parametrisation}
+    return Expert(scale_vectors(expert, singular_values), expert.base_model, expert.base_fingerprint,
+                  expert.targets, expert.task, config, expert.scores)
 
 
 def check_vectors(vectors: dict[str, torch.Tensor], where: str) -> None:
@@ -154,15 +186,19 @@ def _metadata_dict(meta: dict[str, str], key: str, path: Path) -> dict:
 def describe_expert(expert: Expert) -> str:
     """A human-readable summary for `svf-rl inspect`."""
     zs = torch.cat([z.reshape(-1) for z in expert.vectors.values()]) if expert.vectors else torch.ones(1)
+    label = "z"
+    if expert.parametrisation == SIGMOID_RESCALED:  # the multiplier before the rescale, which needs s
+        zs, label = torch.sigmoid(zs), "σ(p)"
     dev = (zs - 1).abs()
     lines = [
         f"format          {FORMAT} v{FORMAT_VERSION} (svf-rl {expert.svf_rl_version})",
         f"base model      {expert.base_model}",
         f"fingerprint     {expert.base_fingerprint}",
         f"task            {expert.task}",
+        f"parametrisation {expert.parametrisation}",
         f"targets         {expert.targets}: {len(expert.vectors)} modules, {zs.numel():,} values",
-        f"z               mean {zs.mean():.4f}  min {zs.min():.4f}  max {zs.max():.4f}",
-        f"|z - 1|         mean {dev.mean():.2e}  max {dev.max():.2e}",
+        f"{label:16s}mean {zs.mean():.4f}  min {zs.min():.4f}  max {zs.max():.4f}",
+        f"{'|' + label + ' - 1|':16s}mean {dev.mean():.2e}  max {dev.max():.2e}",
     ]
     composition = expert.config.get("composition") or {}
     for k, part in enumerate(composition.get("parts", [])):

@@ -261,5 +261,8 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
 
 def apply_expert(model: nn.Module, expert, fingerprint: str) -> None:
     """Load an expert's z into an SVF model after checking names, sizes and the base fingerprint."""
-    expert.check_compatible({name: layer.z.numel() for name, layer in svf_layers(model).items()}, fingerprint)
-    load_z(model, expert.vectors)
+    from .expert import scale_vectors
+
+    layers = svf_layers(model)
+    expert.check_compatible({name: layer.z.numel() for name, layer in layers.items()}, fingerprint)
+    load_z(model, scale_vectors(expert, lambda name: layers[name].s))

@@ -125,3 +125,11 @@ def test_eval_command_writes_its_result_and_refuses_bad_input_in_one_line(tiny_m
     assert main(["eval", "--task", "no_such_task", "--model", tiny_model_dir]) == 2
     assert main(["eval", str(tmp_path / "missing.safetensors"), "--task", "arithmetic"]) == 2
     assert "error" in capsys.readouterr().err
+    # Without --task, an expert is scored on the task (and arguments) it was trained on.
+    expert = random_expert(tiny_model_dir, 0, "gcd")
+    expert.config = {"task": "reasoning_gym", "task_args": {"dataset": "gcd", "extract": "last_number"}}
+    path = save_expert(expert, tmp_path / "gcd.safetensors")
+    assert main(["eval", str(path), "--model", tiny_model_dir, "--size", "2", "--max-new-tokens", "2",
+                 "--output", str(out)]) == 0
+    assert "Greatest Common Divisor" in json.loads(out.read_text())["greedy"][0]["prompt"]
+    assert main(["eval", "--model", tiny_model_dir]) == 2 and "give --task" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""Import an expert written by Sakana's Transformer² code (self-adaptive-llms): `policy_params.pt`.
+
+Their file is a state dict keyed `learnable_params_module_list.{i}`, one raw pre-sigmoid vector p per MLP
+matrix, in the order the Hugging Face model lists its MLP weights. Their W' = U diag(s ⊙ σ(p)) Vᵀ · Σs / Σ(s ⊙ σ(p))
+is kept exactly as the expert format's sigmoid-rescaled parametrisation, or converted to z on request.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .expert import SIGMOID_RESCALED, Expert, ExpertError, as_scale_expert
+from .svd import cached_svd, model_fingerprint
+from .svf import find_targets
+
+KEY = re.compile(r"learnable_params_module_list\.(\d+)")
+
+
+def read_policy_params(path: str | Path) -> list[torch.Tensor]:
+    """The vectors p in file order, or one line saying why the file is not in Sakana's layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExpertError(f"Sakana expert file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, objects that weights_only refuses
+        raise ExpertError(f"{path} is not a torch state dict: {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not state:
+        raise ExpertError(f"{path} is not a state dict of vectors (got {type(state).__name__})")
+    indices = {}
+    for key, value in state.items():
+        match = KEY.fullmatch(str(key))
+        if not match:
+            raise ExpertError(f"{path}: key {key!r} is not learnable_params_module_list.<i>; is this Sakana's "
+                              f"policy_params.pt?")
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or not value.is_floating_point():
+            raise ExpertError(f"{path}: {key} must be a 1-D float vector")
+        indices[int(match.group(1))] = value
+    if sorted(indices) != list(range(len(indices))):
+        raise ExpertError(f"{path}: indices must run 0..{len(indices) - 1} without gaps")
+    return [indices[i].float() for i in range(len(indices))]
+
+
+def import_policy_params(path: str | Path, model, base_model: str, task: str = "", as_z: bool = False) -> Expert:
+    """An expert for `model` (the base model Sakana's expert was trained on, as loaded by transformers) from
+    their file. Their targets are every MLP matrix; a count or size that does not match is one line."""
+    vectors = read_policy_params(path)
+    names = find_targets(model, "mlp")  # named_modules order: the order of the model's state dict
+    if len(vectors) != len(names):
+        raise ExpertError(f"{path} holds {len(vectors)} vectors, but {base_model} has {len(names)} MLP matrices; "
+                          f"was it trained on another model?")
+    for k, (name, p) in enumerate(zip(names, vectors, strict=True)):
+        weight = model.get_submodule(name).weight
+        if p.numel() != min(weight.shape):
+            raise ExpertError(f"{path}: vector {k} has {p.numel()} values, but {name} has {min(weight.shape)} "
+                              f"singular values")
+        if not torch.isfinite(p).all():
+            raise ExpertError(f"{path}: vector {k} has non-finite values")
+    config = {"imported_from": str(path), "source_format": "self-adaptive-llms policy_params.pt"}
+    expert = Expert(dict(zip(names, vectors, strict=True)), base_model, model_fingerprint(model), "mlp", task,
+                    config, parametrisation=SIGMOID_RESCALED)
+    if as_z:
+        from .base_model import cache_root
+
+        def singular_values(name):
+            return cached_svd(model.get_submodule(name).weight, cache_root() / "svd")[1]
+
+        expert = as_scale_expert(expert, singular_values)
+    return expert
