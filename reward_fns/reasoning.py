@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from svf_rl.rewards import first_label
+
 from .text import completion_text
 
 _PATTERNS = [  # most explicit first
@@ -37,9 +39,3 @@ def label_reward(prompts, completions, label, labels, **_) -> list[float]:
     return [float(first_label(completion_text(c), options) == gold)
             for c, gold, options in zip(completions, label, labels, strict=True)]
 
-
-def first_label(text: str, labels: list[str]) -> str | None:
-    """The label named earliest in the text, as a whole word."""
-    found = [(m.start(), label) for label in labels
-             if (m := re.search(rf"\b{re.escape(label)}\b", text, re.IGNORECASE))]
-    return min(found)[1] if found else None

@@ -1,4 +1,4 @@
-"""Command line: svf-rl train | memory | eval | compose | export | inspect | tasks."""
+"""Command line: svf-rl train | memory | eval | compose | merge | adapt | import-sakana | export | inspect | tasks."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("overrides", nargs="*", metavar="key=value")
     evaluate = commands.add_parser("eval", help="score the base model, an expert or a composition on a task")
     evaluate.add_argument("experts", nargs="*", help="expert files (none: the base model; several: composed)")
-    evaluate.add_argument("--task", required=True, help="task name, module:Name or path/to/file.py:Name")
+    evaluate.add_argument("--task", help="task name, module:Name or path/to/file.py:Name (default: the expert's own)")
+    evaluate.add_argument("--task-args", help="the task's arguments as JSON (default: the expert's own)")
     evaluate.add_argument("--model", default=None, help="base model (default: the experts' own, or the embedded one)")
     evaluate.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
     evaluate.add_argument("--split", default="test")
@@ -41,6 +42,35 @@ def main(argv: list[str] | None = None) -> int:
     mix.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
     mix.add_argument("--alpha-file", help="JSON {module: [one weight per expert]} for per-module mixing")
     mix.add_argument("--output", "-o", required=True, help="expert file to write")
+    adapt = commands.add_parser("adapt", help="Transformer² two-pass inference over experts, on their tasks' mixture")
+    adapt.add_argument("experts", nargs="+", help="expert files, or NAME=PATH (default name: the run directory)")
+    adapt.add_argument("--strategy", required=True, help="prompt | classifier | few-shot | oracle | base | a name")
+    adapt.add_argument("--classifier", help="classifier expert (strategy classifier)")
+    adapt.add_argument("--model", help="base model (default: the experts' own)")
+    adapt.add_argument("--split", default="test")
+    adapt.add_argument("--size", type=int, default=100, help="problems of each expert's task")
+    adapt.add_argument("--shots", type=int, default=16, help="few-shot: problems per task scored by the search")
+    adapt.add_argument("--shot-split", default="validation", help="few-shot: where shots come from")
+    adapt.add_argument("--mixture-shots", action="store_true", help="few-shot: one α for the whole mixture")
+    adapt.add_argument("--population", type=int, default=32)
+    adapt.add_argument("--elite-fraction", type=float, default=0.2)
+    adapt.add_argument("--iterations", type=int, default=10)
+    adapt.add_argument("--per-layer", action="store_true", help="few-shot: one α per expert and matrix")
+    adapt.add_argument("--max-new-tokens", type=int, help="default: the largest of the experts' training budgets")
+    adapt.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    adapt.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--output", help="JSON file for the result (default: adapt_<strategy>.json)")
+    merge = commands.add_parser("merge", help="bake an expert into a plain Hugging Face model directory")
+    merge.add_argument("expert", help="expert file")
+    merge.add_argument("output_dir", help="new directory for the merged model")
+    merge.add_argument("--model", help="base model (default: the expert's own)")
+    sakana = commands.add_parser("import-sakana", help="convert Sakana's Transformer² policy_params.pt")
+    sakana.add_argument("file", help="policy_params.pt: learnable_params_module_list.{i}, raw pre-sigmoid p")
+    sakana.add_argument("--model", required=True, help="the base model it was trained on")
+    sakana.add_argument("--task", default="", help="task name to record")
+    sakana.add_argument("--as-z", action="store_true", help="store z (composable) instead of their exact p")
+    sakana.add_argument("--output", "-o", required=True, help="expert file to write")
     export = commands.add_parser("export", help="write the expert file of a checkpoint")
     export.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
     export.add_argument("output", help="expert file to write (.safetensors)")
@@ -75,9 +105,21 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate as run_eval
             from .expert import load_expert
 
-            model = args.model or (load_expert(args.experts[0]).base_model if args.experts else EMBEDDED_MODEL)
-            output = args.output or f"eval_{args.task.replace('/', '_').replace(':', '_')}_{args.split}.json"
-            result = run_eval(model, args.task, args.experts, args.alpha, split=args.split, size=args.size,
+            first = load_expert(args.experts[0]) if args.experts else None
+            model = args.model or (first.base_model if first else EMBEDDED_MODEL)
+            task, task_args = args.task, None
+            if task is None:  # the task the (first) expert was trained on, with its arguments
+                if first is None or not first.config.get("task"):
+                    raise ValueError("give --task: " + ("the base model has no task of its own" if first is None
+                                                         else f"{args.experts[0]} records no training task"))
+                task, task_args = first.config["task"], first.config.get("task_args", {})
+            if args.task_args:
+                try:
+                    task_args = json.loads(args.task_args)
+                except ValueError as err:
+                    raise ValueError(f"--task-args is not JSON: {err}") from None
+            output = args.output or f"eval_{task.replace('/', '_').replace(':', '_')}_{args.split}.json"
+            result = run_eval(model, task, args.experts, args.alpha, task_args, split=args.split, size=args.size,
                               seed=args.seed, max_new_tokens=args.max_new_tokens, samples=args.samples,
                               temperature=args.temperature, engine=args.engine, dtype=args.dtype, output=output)
             print(json.dumps(result, indent=2))
@@ -98,6 +140,30 @@ def main(argv: list[str] | None = None) -> int:
                 alpha = args.alpha or [1.0 / len(experts)] * len(experts)
             save_expert(compose(experts, alpha, args.experts), args.output)
             print(f"composed expert written to {args.output}")
+        elif args.command == "adapt":
+            from .adapt import CEM, run_adaptation, summary_line
+
+            cem = CEM(args.population, args.elite_fraction, args.iterations, args.per_layer, seed=args.seed)
+            output = args.output or f"adapt_{args.strategy}.json"
+            result = run_adaptation(args.experts, args.strategy, args.model, args.classifier, args.split, args.size,
+                                    args.seed, args.shots, args.shot_split, args.mixture_shots, cem,
+                                    args.max_new_tokens, args.engine, args.dtype, output)
+            print(summary_line(result))
+            print(f"per task: {result['per_task']}")
+            print(f"result written to {output}")
+        elif args.command == "merge":
+            from .merge import merge_expert
+
+            print(f"merged model written to {merge_expert(args.expert, args.output_dir, args.model)}")
+        elif args.command == "import-sakana":
+            from .base_model import load_base_model
+            from .expert import save_expert
+            from .sakana import import_policy_params, read_policy_params
+
+            read_policy_params(args.file)  # a file in another layout fails before the model loads
+            model, _ = load_base_model(args.model)
+            expert = import_policy_params(args.file, model, args.model, args.task, args.as_z)
+            print(f"expert ({expert.parametrisation}) written to {save_expert(expert, args.output)}")
         elif args.command == "export":
             from .export import export_checkpoint
 
@@ -111,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, target in sorted(available_tasks().items()):
                 print(f"{name:20s} {describe_task(name)}  [{target}]")
-    except (ConfigError, ExpertError, TrainingError, VLLMServerError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ExpertError, TrainingError, VLLMServerError, FileNotFoundError, FileExistsError,
+            ValueError) as err:
         print(f"svf-rl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -37,6 +37,26 @@ class RolloutEngine(Protocol):
         """Make the next generate() use the policy's current z."""
 
 
+def generate_per_z(engine, groups: list[tuple[dict | None, list[list[int]]]], sampling: Sampling
+                   ) -> list[list[Completion]]:
+    """Each group's prompts with that group's z (None: the base model, z = 1), one generate() per group, on any
+    engine: the policy's z is set and pushed as after a training step, and restored afterwards."""
+    from .svf import load_z, svf_layers, z_vectors
+
+    saved = z_vectors(engine.model)
+    out = []
+    try:
+        for z, prompts in groups:
+            load_z(engine.model, z if z is not None else {n: torch.ones_like(v) for n, v in saved.items()})
+            engine.update_weights()
+            out.append(engine.generate(prompts, sampling) if prompts else [])
+    finally:
+        if svf_layers(engine.model):
+            load_z(engine.model, saved)
+            engine.update_weights()
+    return out
+
+
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)

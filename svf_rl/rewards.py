@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,13 @@ def reward_name(func) -> str:
 
 class RewardError(ValueError):
     """A reward function that is broken, not merely unsure: the message names the task and the function."""
+
+
+def first_label(text: str, labels: list[str]) -> str | None:
+    """The label named earliest in the text, as a whole word (case-insensitive)."""
+    found = [(m.start(), label) for label in labels
+             if (m := re.search(rf"\b{re.escape(label)}\b", text, re.IGNORECASE))]
+    return min(found)[1] if found else None
 
 
 def as_completion(prompt, text: str):

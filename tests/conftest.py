@@ -10,11 +10,11 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from svf_rl.base_model import EMBEDDED_MODEL, resolve_model_path  # noqa: E402
 
 
-def tiny_llama(vocab_size: int = 64, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int = 64, seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=True, initializer_range=initializer_range)
     return LlamaForCausalLM(config).eval()
 
 
@@ -24,15 +24,26 @@ def smollm2_path() -> str:
     return resolve_model_path(EMBEDDED_MODEL)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
-    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a HF directory."""
+def save_tiny_model(tmp_path_factory, smollm2_path, initializer_range: float = 0.02) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    model = tiny_llama(vocab_size=len(tokenizer))
+    model = tiny_llama(vocab_size=len(tokenizer), initializer_range=initializer_range)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     path = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a HF directory."""
+    return save_tiny_model(tmp_path_factory, smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """The tiny Llama with larger weights: its greedy answers depend on the prompt and on z (the default
+    initialisation answers every prompt with the same token)."""
+    return save_tiny_model(tmp_path_factory, smollm2_path, initializer_range=0.5)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -200,3 +201,68 @@ def test_a_resumed_colocated_vllm_run_continues_as_an_uninterrupted_one(smollm2_
     assert_engine_served_the_trainers_z(Path(resumed.output_dir))
     assert [s["step"] for s in step_metrics(Path(resumed.output_dir))] == [1, 2, 3]
     assert_same_z(z_at(Path(resumed.output_dir), 3), z_at(Path(whole.output_dir), 3), 3, whole.lr)
+
+
+VLLM_LOAD = """
+import json, sys
+sys.modules["svf_rl"] = None  # the merged directory must load in vLLM without svf-rl
+from vllm import LLM, SamplingParams, TokensPrompt
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+prompts = json.loads(sys.argv[2])
+params = SamplingParams(n=2, temperature=1.0, max_tokens=10, logprobs=0, seed=1)
+out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+print("RESULT" + json.dumps([[list(s.token_ids), [step[t].logprob for step, t in zip(s.logprobs, s.token_ids)]]
+                             for o in out for s in o.outputs]))
+"""
+
+
+def test_a_merged_model_serves_in_vllm_without_svf_rl(smollm2_path, tmp_path):
+    from svf_rl.engine import Completion
+    from svf_rl.expert import Expert, save_expert
+    from svf_rl.merge import merge_expert
+    from svf_rl.svd import model_fingerprint
+
+    model, tokenizer = load_base_model(smollm2_path)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
+    generator = torch.Generator().manual_seed(0)
+    z = {n: 1 + 0.1 * torch.randn(layer.z.shape, generator=generator) for n, layer in svf_layers(model).items()}
+    path = save_expert(Expert(z, smollm2_path, fingerprint, "mlp", "test"), tmp_path / "expert.safetensors")
+    merged = merge_expert(path, tmp_path / "merged")
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 7 * 8?", "Name a colour.")]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_LOGGING_LEVEL": "ERROR"}
+    run = subprocess.run([sys.executable, "-I", "-c", VLLM_LOAD, str(merged), json.dumps(prompts)],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = json.loads(run.stdout.split("RESULT", 1)[1])
+    completions = [Completion(prompts[k // 2], ids, "") for k, (ids, _) in enumerate(samples)]
+    for layer_name, layer in svf_layers(model).items():
+        layer.z.data.copy_(z[layer_name])
+    ours, mask = trainer_logprobs(model, completions, tokenizer.pad_token_id)
+    served = pad_logprobs([lp for _, lp in samples], ours.shape[1])
+    gap = ((served - ours).abs() * mask).max().item()
+    assert gap < 1e-3, f"vLLM on the merged model and the SVF model disagree by {gap}"
+    base, _ = trainer_logprobs(load_base_model(smollm2_path)[0], completions, tokenizer.pad_token_id)
+    assert ((served - base).abs() * mask).max().item() > 1e-2  # vLLM serves the expert, not the base
+
+
+def test_colocated_vllm_generates_each_group_with_its_own_z(smollm2_path, request):
+    from svf_rl.engine import generate_per_z
+
+    model, tokenizer = load_base_model(smollm2_path)
+    apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
+    engine = make_engine("colocated", model, tokenizer, smollm2_path, request, None)
+    generator = torch.Generator().manual_seed(0)
+    zs = [{n: 1 + 0.2 * torch.randn(layer.z.shape, generator=generator) for n, layer in svf_layers(model).items()}
+          for _ in range(2)]
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 7 * 8?", "Name a colour.")]
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=8, seeds=[1, 2])
+    groups = generate_per_z(engine, [(zs[0], prompts), (None, prompts), (zs[1], prompts)], sampling)
+    assert all(torch.equal(layer.z.detach(), torch.ones_like(layer.z)) for layer in svf_layers(model).values())
+    for z, completions in zip([zs[0], None, zs[1]], groups, strict=True):
+        for name, layer in svf_layers(model).items():
+            layer.z.data.copy_(z[name] if z is not None else torch.ones_like(layer.z))
+        ours, mask = trainer_logprobs(model, completions, tokenizer.pad_token_id)
+        served = pad_logprobs([c.logprobs for c in completions], ours.shape[1])
+        assert ((served - ours).abs() * mask).max().item() < 1e-3  # each group ran at its own z
