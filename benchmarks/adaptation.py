@@ -29,6 +29,8 @@ from svf_rl.task import load_task
 EXPERTS = ["runs/experts/arithmetic/expert.safetensors", "runs/experts/gcd/expert.safetensors",
            "runs/experts/counting/expert.safetensors"]
 CLASSIFIER = "runs/experts/classifier/expert.safetensors"
+DESCRIPTIONS = {"arithmetic": "calculate an arithmetic expression", "gcd": "greatest common divisor of numbers",
+                "counting": "count how often a letter appears in a text"}
 
 
 def main() -> None:
@@ -60,7 +62,7 @@ def main() -> None:
                       budget)
     cem = CEM(args.population, args.elite_fraction, args.iterations)
     runs = [("base model", "base", {}), *[(f"{n} expert", n, {}) for n in names],
-            ("oracle routing", "oracle", {}), ("prompt", "prompt", {}),
+            ("oracle routing", "oracle", {}), ("prompt", "prompt", {"descriptions": DESCRIPTIONS}),
             ("classifier expert", "classifier", {"classifier": resolved[-1]}),
             ("few-shot CEM, α per task", "few-shot", {"shots": per_task_shots, "cem": cem}),
             ("few-shot CEM, one α for the mixture", "few-shot", {"shots": mixture_shots, "cem": cem})]

@@ -24,7 +24,7 @@ from .expert import Expert, ExpertError
 from .logprobs import completion_logprobs, make_token_batch
 from .rewards import first_label
 from .run_files import wilson_interval
-from .svf import load_z
+from .svf import load_z, z_vectors
 from .task import Task, load_task, safe_score
 
 BASE = "base"  # the route of a prompt that no expert claims: the base model, z = 1
@@ -177,7 +177,7 @@ class Adapter:
         shape = (len(self.modules), k) if cem.per_layer else (k,)
         generator = torch.Generator().manual_seed(cem.seed)
         mean, std = torch.full(shape, 1.0 / k), torch.full(shape, cem.init_std)
-        prompts = self._prompts(shots)
+        prompts, saved = self._prompts(shots), z_vectors(self.model)
         correct: list[dict[tuple, None]] = [{} for _ in shots]  # per shot, correct completions (ordered set)
         cost, trace, best = PassCost(), [], None
         for iteration in range(cem.iterations):
@@ -206,6 +206,7 @@ class Adapter:
             trace.append({"iteration": iteration, "best_score": accuracy[top],
                           "mean_score": sum(accuracy) / len(accuracy), "kept_score": best[1],
                           "alpha_mean": (mean.mean(0) if cem.per_layer else mean).tolist()})
+        load_z(self.model, saved)  # the likelihoods left the last candidate's z in the model
         return best[0], trace, cost
 
     @torch.no_grad()
@@ -333,7 +334,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
                    split: str = "test", size: int = 100, seed: int = 0, shots: int = 16,
                    shot_split: str = "validation", mixture_shots: bool = False, cem: CEM | None = None,
                    max_new_tokens: int | None = None, engine: str = "hf", dtype: str = "auto",
-                   output=None) -> dict:
+                   output=None, descriptions: dict[str, str] | None = None) -> dict:
     """`svf-rl adapt`: the experts (paths, or NAME=PATH) on a mixture of their own tasks' `split` (`size`
     problems each, from the task each expert's file records), with one strategy. few-shot searches one α
     per task on `shots` problems of `shot_split` (as the paper does), or one α for the whole mixture."""
@@ -382,7 +383,8 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
         rollouts = HFEngine(model_obj, tokenizer)
     budget = max_new_tokens or max(int(e.config.get("max_new_tokens", 64)) for e in loaded)
     adapter = Adapter(model_obj, tokenizer, dict(zip(names, together[:len(names)], strict=True)), rollouts, budget)
-    outcome = adapter.run(strategy, items, together[-1] if classifier_expert else None, shot_items, cem)
+    outcome = adapter.run(strategy, items, together[-1] if classifier_expert else None, shot_items, cem,
+                          descriptions)
     result = {"experts": dict(zip(names, paths, strict=True)), "split": split, "max_new_tokens": budget,
               **outcome.report(items)}
     result["completions"] = [{"category": item.category, "route": str(route), "completion": c.text, "score": v}

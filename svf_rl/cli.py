@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("experts", nargs="+", help="expert files, or NAME=PATH (default name: the run directory)")
     adapt.add_argument("--strategy", required=True, help="prompt | classifier | few-shot | oracle | base | a name")
     adapt.add_argument("--classifier", help="classifier expert (strategy classifier)")
+    adapt.add_argument("--describe", nargs="+", default=[], metavar="NAME=TEXT",
+                       help="prompt strategy: what each category means, for the classification prompt")
     adapt.add_argument("--model", help="base model (default: the experts' own)")
     adapt.add_argument("--split", default="test")
     adapt.add_argument("--size", type=int, default=100, help="problems of each expert's task")
@@ -144,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             from .adapt import CEM, run_adaptation, summary_line
 
             cem = CEM(args.population, args.elite_fraction, args.iterations, args.per_layer, seed=args.seed)
+            if any("=" not in d for d in args.describe):
+                raise ValueError("--describe takes NAME=TEXT")
+            descriptions = dict(d.split("=", 1) for d in args.describe)
             output = args.output or f"adapt_{args.strategy}.json"
             result = run_adaptation(args.experts, args.strategy, args.model, args.classifier, args.split, args.size,
                                     args.seed, args.shots, args.shot_split, args.mixture_shots, cem,
-                                    args.max_new_tokens, args.engine, args.dtype, output)
+                                    args.max_new_tokens, args.engine, args.dtype, output, descriptions)
             print(summary_line(result))
             print(f"per task: {result['per_task']}")
             print(f"result written to {output}")

@@ -19,11 +19,17 @@ class TaskClassification(Task):
     name = "task_classification"
     reward_funcs = [label_reward]
 
-    def __init__(self, sources: dict | None = None, system_prompt: str | None = None):
+    def __init__(self, sources: dict | None = None, system_prompt: str | None = None,
+                 descriptions: dict | None = None):
+        """`descriptions`: {label: what it means}, shown beside each label (a small model may need them)."""
         sources = sources or OFFLINE_SOURCES
         if len(sources) < 2:
             raise TaskError("task_classification needs at least two labelled sources")
         self.labels = list(sources)
+        self.descriptions = dict(descriptions or {})
+        unknown = sorted(set(self.descriptions) - set(self.labels))
+        if unknown:
+            raise TaskError(f"task_classification: descriptions for labels it does not have: {unknown}")
         self.sources = {label: load_task(spec, args) for label, (spec, args) in sources.items()}
         self.system_prompt = system_prompt
 
@@ -34,5 +40,7 @@ class TaskClassification(Task):
         return sample_rows(rows, size, seed)
 
     def user_message(self, row: dict) -> str:
-        return (f"Which kind of task is this: {', '.join(self.labels)}?\n\n<task>\n{row['text']}\n</task>\n\n"
+        kinds = ", ".join(f"{label} ({self.descriptions[label]})" if label in self.descriptions else label
+                          for label in self.labels)
+        return (f"Which kind of task is this: {kinds}?\n\n<task>\n{row['text']}\n</task>\n\n"
                 f"Answer with one word: {' or '.join(self.labels)}.")

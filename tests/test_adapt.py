@@ -181,7 +181,8 @@ def test_adapt_command_runs_every_strategy_on_the_experts_tasks(sharp_model_dir,
     classifier = write_expert(sharp_model_dir, tmp_path / "cls.safetensors", 2, "task_classification",
                               {"sources": {"arith": SOURCES["arithmetic"], "gcd": GCD}}, train_size=50)
     common = [a, b, "--model", sharp_model_dir, "--size", "3"]
-    for strategy, extra in [("oracle", []), ("prompt", []), ("classifier", ["--classifier", classifier]),
+    for strategy, extra in [("oracle", []), ("prompt", ["--describe", "arith=sums", "gcd=divisors"]),
+                            ("classifier", ["--classifier", classifier]),
                             ("few-shot", ["--shots", "2", "--population", "4", "--iterations", "2"]),
                             ("gcd", [])]:
         out = tmp_path / f"{strategy}.json"

@@ -148,6 +148,10 @@ def test_task_classification_labels_prompts_of_other_tasks():
     rows = task.rows("train", 9, 0)
     assert {r["label"] for r in rows} == {"math", "code", "reasoning"}
     assert score_all(task, rows, [r["label"].upper() for r in rows]) == [1.0] * 9
+    described = load_task("task_classification", {"descriptions": {"math": "numbers and equations"}})
+    assert "math (numbers and equations), code, reasoning?" in described.user_message(rows[0])
+    with pytest.raises(ValueError, match="labels it does not have"):
+        load_task("task_classification", {"descriptions": {"poetry": "verse"}})
 
 
 def test_hub_dataset_offline_fails_in_one_line_saying_what_to_download(tmp_path):
