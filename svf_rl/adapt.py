@@ -172,7 +172,9 @@ class Adapter:
     def search_alpha(self, shots: list[Item], cem: CEM, max_new_tokens: int | None = None
                      ) -> tuple[torch.Tensor, list[dict], PassCost]:
         """CEM over α ∈ [0, 1] on the shots: the α with the best mean task score; equal scores go to the α
-        under which the correct completions found so far (by any candidate) are likelier."""
+        under which the correct completions found so far (by any candidate) are likelier. The first population
+        holds each expert alone and their uniform mix, so the search starts from (and never returns worse on
+        the shots than) the best single expert."""
         k = len(self.experts)
         shape = (len(self.modules), k) if cem.per_layer else (k,)
         generator = torch.Generator().manual_seed(cem.seed)
@@ -183,6 +185,9 @@ class Adapter:
         for iteration in range(cem.iterations):
             started = time.perf_counter()
             candidates = (mean + std * torch.randn((cem.population, *shape), generator=generator)).clamp(0, 1)
+            if iteration == 0:
+                anchors = torch.cat([torch.eye(k), torch.full((1, k), 1.0 / k)])[:cem.population]
+                candidates[:len(anchors)] = anchors[:, None, :].expand(-1, *shape) if cem.per_layer else anchors
             groups = generate_per_z(self.engine, [(self.mix(a), prompts) for a in candidates],
                                     self._greedy(max_new_tokens))
             accuracy = []
@@ -194,13 +199,20 @@ class Adapter:
                 accuracy.append(sum(values) / len(values))
                 cost.tokens += sum(len(c.prompt_ids) + len(c.ids) for c in completions)
             pooled = [(prompts[i], list(ids)) for i, pool in enumerate(correct) for ids in pool]
-            keys = [(acc, self.likelihood(a, pooled)) for acc, a in zip(accuracy, candidates, strict=True)]
-            cost.tokens += (cem.population + 1) * sum(len(p) + len(c) for p, c in pooled)
+            # Likelihoods only where a tie decides: among the top scores or at the elites' boundary.
+            ranked = sorted(accuracy, reverse=True)
+            deciding = {score for score in (ranked[0], ranked[cem.elites - 1]) if accuracy.count(score) > 1}
+            if best is not None and best[1] == ranked[0]:
+                deciding.add(ranked[0])
+            keys = [(acc, self.likelihood(a, pooled) if acc in deciding else 0.0)
+                    for acc, a in zip(accuracy, candidates, strict=True)]
+            cost.tokens += sum(acc in deciding for acc in accuracy) * sum(len(p) + len(c) for p, c in pooled)
             order = sorted(range(cem.population), key=lambda i: keys[i], reverse=True)
             elites = candidates[order[:cem.elites]]
             mean, std = elites.mean(0), elites.std(0, unbiased=False).clamp(min=cem.min_std)
             top = order[0]
-            if best is None or keys[top] > (best[1], self.likelihood(best[0], pooled)):
+            if best is None or accuracy[top] > best[1] or (
+                    accuracy[top] == best[1] and keys[top][1] > self.likelihood(best[0], pooled)):
                 best = (candidates[top], accuracy[top])
             cost.seconds += time.perf_counter() - started
             trace.append({"iteration": iteration, "best_score": accuracy[top],

@@ -133,8 +133,8 @@ def test_few_shot_search_moves_towards_the_mixture_that_scores_best(sharp_model_
     assert kept == sorted(kept) and kept[-1] == max(step["best_score"] for step in trace)  # never lost
     assert kept[-1] > start and cost.tokens > 0 and cost.seconds > 0
     assert alpha.shape == ((len(ad.modules), 2) if per_layer else (2,)) and ((0 <= alpha) & (alpha <= 1)).all()
-    if not per_layer:  # 2 dimensions: the search reaches the optimum
-        assert kept[-1] == 1.0 and alpha[1] > 0.9 and alpha[0] < 0.1
+    assert kept[0] == 1.0  # the first population holds each expert alone, b among them
+    assert alpha.reshape(-1, 2)[:, 1].mean() > alpha.reshape(-1, 2)[:, 0].mean()
 
 
 def test_equal_scores_go_to_the_alpha_under_which_correct_answers_are_likelier(sharp_model_dir):
@@ -154,6 +154,7 @@ def test_equal_scores_go_to_the_alpha_under_which_correct_answers_are_likelier(s
     alpha, trace, _ = ad.search_alpha([Item(Anything(), row, "a") for row in rows], cem, 5)
     candidates = (torch.full((2,), 0.5) + 0.5 * torch.randn((6, 2), generator=torch.Generator().manual_seed(3))
                   ).clamp(0, 1)
+    candidates[:3] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])  # each expert alone, and their mean
     prompts = prompts_of(ad.tokenizer, [r["q"] for r in rows])
     pooled = {(tuple(p), tuple(ids)) for a in candidates for p, ids in zip(prompts, greedy(ad, ad.mix(a), prompts, 5),
                                                                         strict=True)}
