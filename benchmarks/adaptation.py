@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=12)
     parser.add_argument("--elite-fraction", type=float, default=0.25)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--only", nargs="+", help="run only these strategies (e.g. few-shot)")
+    parser.add_argument("--only", nargs="+", help="run only these strategies or rows (e.g. few-shot, mixture)")
     parser.add_argument("--output", default="benchmarks/adaptation.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -68,7 +68,8 @@ def main() -> None:
             ("few-shot CEM, α per task", "few-shot", {"shots": per_task_shots, "cem": cem}),
             ("few-shot CEM, one α for the mixture", "few-shot", {"shots": mixture_shots, "cem": cem})]
     results = []
-    for label, strategy, kwargs in [r for r in runs if not args.only or r[1] in args.only]:
+    chosen = [r for r in runs if not args.only or any(o == r[1] or o in r[0] for o in args.only)]
+    for label, strategy, kwargs in chosen:
         started = time.perf_counter()
         outcome = adapter.run(strategy, items, **kwargs)
         report = {"row": label, **outcome.report(items), "wall_seconds": time.perf_counter() - started}
