@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from svf_rl.adapt import BASE, CEM, Adapter, expert_name, mixture
+from svf_rl.adapt import BASE, CEM, Adapter, expert_name, mixture, shot_sets
 from svf_rl.engine import HFEngine
 from svf_rl.evaluate import experts_on_model, load_model
 from svf_rl.expert import load_expert
@@ -52,9 +52,8 @@ def main() -> None:
     classifier = load_expert(args.classifier)
     tasks = {n: load_task(e.config["task"], e.config.get("task_args", {})) for n, e in zip(names, loaded, strict=True)}
     items = mixture(tasks, "test", args.size, 0)
-    per_task_shots = {n: mixture({n: t}, "validation", args.shots, 1) for n, t in tasks.items()}
-    every = [item for group in per_task_shots.values() for item in group]
-    mixture_shots = {"mixture": every[::len(tasks)]}
+    per_task_shots = shot_sets(tasks, "validation", args.shots, 1, one_for_mixture=False)
+    mixture_shots = shot_sets(tasks, "validation", args.shots, 1, one_for_mixture=True)
 
     model, tokenizer = load_model(loaded[0].base_model, "auto")
     resolved = experts_on_model(model, loaded + [classifier], names + ["classifier"])

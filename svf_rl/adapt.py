@@ -119,11 +119,6 @@ class Adapter:
         self.modules = list(next(iter(experts.values())).vectors)
         self.stack = {m: torch.stack([e.vectors[m].float() for e in experts.values()]) for m in self.modules}
 
-    def z_for(self, route) -> dict[str, torch.Tensor] | None:
-        if route == BASE:
-            return None
-        return self.experts[route].vectors
-
     def mix(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """z' = Σₖ αₖ zₖ; alpha [experts] or [matrices, experts]."""
         alpha = torch.as_tensor(alpha, dtype=torch.float32)
@@ -326,6 +321,17 @@ def mixture(tasks: dict[str, Task], split: str, size: int, seed: int) -> list[It
             for row in unique_rows(task, task.rows(split, size, seed), split)]
 
 
+def shot_sets(tasks: dict[str, Task], split: str, shots: int, seed: int, one_for_mixture: bool
+              ) -> dict[str, list[Item]]:
+    """Few-shot search sets: `shots` problems of each task's `split`, or `shots` drawn across all tasks (one α
+    for the whole mixture, searched without task identity)."""
+    per_task = {name: mixture({name: task}, split, shots, seed) for name, task in tasks.items()}
+    if not one_for_mixture:
+        return per_task
+    every = [item for group in per_task.values() for item in group]
+    return {"mixture": every[::len(tasks)] if len(every) > shots else every}
+
+
 def summary_line(result: dict) -> str:
     ratio = result["first_to_second_time"]
     extra = f", first pass {100 * ratio:.0f}% of the second" if ratio and not math.isnan(ratio) else ""
@@ -353,7 +359,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
     import json
     from pathlib import Path
 
-    from .evaluate import experts_on_model, load_model
+    from .evaluate import experts_on_model, inference_engine, load_model
     from .expert import load_expert
     from .run_files import write_atomic
 
@@ -370,29 +376,12 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
             raise ExpertError(f"{name} records no training task, so its test problems are unknown")
         tasks[name] = load_task(expert.config["task"], expert.config.get("task_args", {}))
     items = mixture(tasks, split, size, seed)  # bad task data fails here, before the model loads
-    shot_items = None
-    if strategy == "few-shot":
-        per_task = {name: mixture({name: task}, shot_split, shots, seed + 1) for name, task in tasks.items()}
-        if mixture_shots:
-            every = [item for group in per_task.values() for item in group]
-            shot_items = {"mixture": every[::len(tasks)] if len(every) > shots else every}
-        else:
-            shot_items = per_task
+    shot_items = shot_sets(tasks, shot_split, shots, seed + 1, mixture_shots) if strategy == "few-shot" else None
     classifier_expert = load_expert(classifier) if classifier else None
     model_obj, tokenizer = load_model(model or loaded[0].base_model, dtype)
     together = experts_on_model(model_obj, loaded + ([classifier_expert] if classifier_expert else []),
                                 names + (["classifier"] if classifier_expert else []))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_obj.to(device)
-    if engine == "vllm":
-        from .base_model import resolve_model_path
-        from .vllm_engine import VLLMEngine
-
-        rollouts = VLLMEngine(model_obj, tokenizer, resolve_model_path(model or loaded[0].base_model), seed=seed)
-    else:
-        from .engine import HFEngine
-
-        rollouts = HFEngine(model_obj, tokenizer)
+    rollouts = inference_engine(engine, model_obj, tokenizer, model or loaded[0].base_model, seed)
     budget = max_new_tokens or max(int(e.config.get("max_new_tokens", 64)) for e in loaded)
     adapter = Adapter(model_obj, tokenizer, dict(zip(names, together[:len(names)], strict=True)), rollouts, budget)
     outcome = adapter.run(strategy, items, together[-1] if classifier_expert else None, shot_items, cem,

@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             from .expert import save_expert
             from .sakana import import_policy_params, read_policy_params
 
-            read_policy_params(args.file)  # a file in another layout fails before the model loads
+            vectors = read_policy_params(args.file)  # a file in another layout fails before the model loads
             model, _ = load_base_model(args.model)
-            expert = import_policy_params(args.file, model, args.model, args.task, args.as_z)
+            expert = import_policy_params(args.file, model, args.model, args.task, args.as_z, vectors)
             print(f"expert ({expert.parametrisation}) written to {save_expert(expert, args.output)}")
         elif args.command == "export":
             from .export import export_checkpoint

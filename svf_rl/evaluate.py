@@ -64,6 +64,17 @@ def model_with_experts(model: str, experts: list[Expert], alpha=None, dtype: str
     return model_obj, tokenizer, expert
 
 
+def inference_engine(kind: str, model, tokenizer, model_id: str, seed: int = 0):
+    """The model on the GPU if there is one, and its engine: HF generate or a colocated vLLM."""
+    if torch.cuda.is_available():
+        model.to("cuda")
+    if kind == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, resolve_model_path(model_id), seed=seed)
+    return HFEngine(model, tokenizer)
+
+
 def score(task, rows: list[dict], completions: list[str]) -> list[float]:
     return [safe_score(task, text, row) for row, text in zip(rows, completions, strict=True)]
 
@@ -79,14 +90,7 @@ def evaluate(model: str, task: str, experts: list[str] = (), alpha=None, task_ar
     rows = unique_rows(task_obj, task_obj.rows(split, size, seed), split)
     loaded = [load_expert(path) for path in experts]
     model_obj, tokenizer, expert = model_with_experts(model, loaded, alpha, dtype, [str(p) for p in experts])
-    if torch.cuda.is_available():
-        model_obj.to("cuda")
-    if engine == "vllm":
-        from .vllm_engine import VLLMEngine
-
-        rollouts = VLLMEngine(model_obj, tokenizer, resolve_model_path(model), seed=seed)
-    else:
-        rollouts = HFEngine(model_obj, tokenizer)
+    rollouts = inference_engine(engine, model_obj, tokenizer, model, seed)
     prompts = [chat_ids(tokenizer, task_obj.prompt(row)) for row in rows]
     greedy = []
     for first in range(0, len(prompts), batch_size):

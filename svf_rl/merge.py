@@ -6,9 +6,6 @@ fp32 from the fp32 SVD and rounded once. config.json's `svf_expert` records whic
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from . import __version__
 from .base_model import cache_root, load_base_model, resolve_model_path
 from .compose import z_digest
 from .expert import load_expert, module_z
+from .run_files import atomic_directory
 from .svd import cached_svd, model_fingerprint
 from .svf import compose_weight, find_targets
 
@@ -44,15 +42,8 @@ def merge_expert(expert_path: str | Path, output_dir: str | Path, model: str | N
                             "parametrisation": expert.parametrisation, "targets": expert.targets,
                             "base_model": expert.base_model, "base_fingerprint": expert.base_fingerprint,
                             "svf_rl_version": __version__}
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_directory(output_dir) as staging:
         lm.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if output_dir.exists():
-            output_dir.rmdir()  # empty, checked above
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 

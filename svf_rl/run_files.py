@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path):
+    """A staging directory beside `target` that becomes `target` when the block ends without an error (an
+    empty `target` is replaced); a failed or killed write leaves no half-written `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield staging
+        if target.exists():
+            target.rmdir()  # only an empty directory can be replaced
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -44,10 +44,12 @@ def read_policy_params(path: str | Path) -> list[torch.Tensor]:
     return [indices[i].float() for i in range(len(indices))]
 
 
-def import_policy_params(path: str | Path, model, base_model: str, task: str = "", as_z: bool = False) -> Expert:
+def import_policy_params(path: str | Path, model, base_model: str, task: str = "", as_z: bool = False,
+                         vectors: list[torch.Tensor] | None = None) -> Expert:
     """An expert for `model` (the base model Sakana's expert was trained on, as loaded by transformers) from
-    their file. Their targets are every MLP matrix; a count or size that does not match is one line."""
-    vectors = read_policy_params(path)
+    their file (`vectors`: read_policy_params(path), if already read). Their targets are every MLP matrix; a
+    count or size that does not match is one line."""
+    vectors = read_policy_params(path) if vectors is None else vectors
     names = find_targets(model, "mlp")  # named_modules order: the order of the model's state dict
     if len(vectors) != len(names):
         raise ExpertError(f"{path} holds {len(vectors)} vectors, but {base_model} has {len(names)} MLP matrices; "
