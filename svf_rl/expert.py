@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .inputs import check_input_file, check_model_id
 
 FORMAT = "svf-expert"
 FORMAT_VERSION = "1"
@@ -104,9 +105,10 @@ def save_expert(expert: Expert, path: str | Path) -> Path:
 
 
 def load_expert(path: str | Path) -> Expert:
-    path = Path(path)
-    if not path.is_file():
-        raise ExpertError(f"expert file not found: {path}")
+    try:
+        path = check_input_file(path, "expert file")
+    except (OSError, ValueError) as err:
+        raise ExpertError(str(err)) from None
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -133,6 +135,22 @@ def load_expert(path: str | Path) -> Expert:
         parametrisation=meta["parametrisation"],
         svf_rl_version=meta.get("svf_rl_version", ""),
     )
+
+
+def base_model_for(expert: Expert, where: str, model: str | None = None) -> str:
+    """`model` if given, else the base model the expert records; one line, before anything loads, if that
+    cannot be a loadable model."""
+    if model is not None:
+        check_model_id(model)
+        return model
+    if not expert.base_model:
+        raise ExpertError(f"{where} records no base model; give --model")
+    try:
+        check_model_id(expert.base_model)
+    except (OSError, ValueError) as err:
+        raise ExpertError(f"{where} records base model {expert.base_model!r}, which cannot be loaded here "
+                          f"({err}); give --model") from None
+    return expert.base_model
 
 
 def module_z(expert: Expert, name: str, s: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import random
 import sys
@@ -109,9 +110,16 @@ def _import_reference(reference: str):
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # the user's file: a syntax error or anything it raises at import
+            del sys.modules[module_name]
+            raise TaskError(f"task file {where} failed to import: {type(err).__name__}: {err}") from None
     else:
-        module = importlib.import_module(where)
+        try:
+            module = importlib.import_module(where)
+        except (ImportError, ValueError) as err:
+            raise TaskError(f"cannot import task module {where!r}: {err}") from None
     if not hasattr(module, attr):
         raise TaskError(f"{where} has no attribute {attr!r}")
     return getattr(module, attr)
@@ -134,6 +142,19 @@ def load_task(spec: str, args: dict | None = None) -> Task:
     if not task.reward_funcs:
         raise TaskError(f"task {spec!r} defines no reward functions")
     return task
+
+
+def parse_task_args(text: str | None) -> dict | None:
+    """--task-args: the task's arguments as a JSON object; None when not given."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise TaskError(f"--task-args is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise TaskError(f"--task-args must be a JSON object of the task's arguments, got {type(value).__name__}")
+    return value
 
 
 def unique_rows(task, rows: list[dict], split: str) -> list[dict]:
