@@ -16,11 +16,13 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .engine import Sampling, chat_ids, generate_per_z
 from .expert import Expert, ExpertError
+from .inputs import check_count, check_output, check_split
 from .logprobs import completion_logprobs, make_token_batch
 from .rewards import first_label
 from .run_files import wilson_interval
@@ -56,10 +58,12 @@ class CEM:
     seed: int = 0
 
     def __post_init__(self):
-        if self.population < 2 or self.iterations < 1 or not 0 < self.elite_fraction <= 1 or self.init_std <= 0:
-            raise ValueError(f"CEM needs population >= 2, iterations >= 1, elite fraction in (0, 1] and init "
-                             f"std > 0; got {self.population}, {self.iterations}, {self.elite_fraction}, "
-                             f"{self.init_std}")
+        check_count("--population", self.population, 2)
+        check_count("--iterations", self.iterations)
+        if not 0 < self.elite_fraction <= 1:  # also NaN
+            raise ValueError(f"--elite-fraction must be in (0, 1], got {self.elite_fraction}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"CEM init_std must be a finite number > 0, got {self.init_std}")
 
     @property
     def elites(self) -> int:
@@ -339,37 +343,106 @@ def summary_line(result: dict) -> str:
             f"{100 * result['accuracy_high']:.1f}] on {result['n']}{extra}")
 
 
-def expert_name(path: str) -> str:
-    """NAME=PATH gives NAME; runs/x/expert.safetensors gives x; other files their stem."""
-    if "=" in path:
-        return path.split("=", 1)[0]
-    parts = path.replace("\\", "/").rstrip("/").split("/")
+def split_expert_arg(arg: str) -> tuple[str, str]:
+    """(name, path) of an expert argument: NAME=PATH gives NAME; runs/x/expert.safetensors gives x; other
+    files their stem. A path that exists is a path, even with an "=" in it."""
+    if "=" in arg and not Path(arg).exists():
+        name, path = arg.split("=", 1)
+        return name, path
+    parts = arg.replace("\\", "/").rstrip("/").split("/")
     stem = parts[-1].rsplit(".", 1)[0]
-    return parts[-2] if stem in ("expert", "expert_best") and len(parts) > 1 else stem
+    return (parts[-2] if stem in ("expert", "expert_best") and len(parts) > 1 else stem), arg
+
+
+def expert_name(arg: str) -> str:
+    return split_expert_arg(arg)[0]
+
+
+def parse_descriptions(items: list[str]) -> dict[str, str]:
+    """--describe NAME=TEXT ..."""
+    if any("=" not in item for item in items):
+        raise ValueError(f"--describe takes NAME=TEXT, got {next(i for i in items if '=' not in i)!r}")
+    return dict(item.split("=", 1) for item in items)
+
+
+def check_adaptation(names: list[str], strategy: str, classifier: str | None, split: str, size: int, shots: int,
+                     shot_split: str, max_new_tokens: int | None, engine: str, descriptions: dict[str, str]) -> None:
+    """One line for any argument `svf-rl adapt` cannot use, before a file is read or the model loads."""
+    from .evaluate import check_engine
+
+    if any(not name for name in names):
+        raise ExpertError("an expert name is empty; give NAME=PATH with a name")
+    if len(set(names)) != len(names):
+        raise ExpertError(f"expert names must differ (give NAME=PATH): {names}")
+    taken = sorted(set(names) & {*STRATEGIES, "other"})  # "base" and "other" route to the base model
+    if taken:
+        raise ExpertError(f"an expert cannot be named {taken[0]!r}, which is a strategy or route; give NAME=PATH")
+    if strategy not in STRATEGIES and strategy not in names:
+        raise ValueError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)} or an expert's name "
+                         f"({', '.join(names)})")
+    if strategy == "classifier" and not classifier:
+        raise ValueError("--strategy classifier needs --classifier, the classifier expert file")
+    if classifier and strategy != "classifier":
+        raise ValueError(f"--classifier is used only by --strategy classifier, not {strategy!r}")
+    check_split("--split", split)
+    check_count("--size", size)
+    if strategy == "few-shot":
+        check_split("--shot-split", shot_split)
+        check_count("--shots", shots)
+        if shot_split == split:
+            raise ExpertError(f"few-shot shots must come from another split than the evaluated {split!r}")
+    if max_new_tokens is not None:
+        check_count("--max-new-tokens", max_new_tokens)
+    check_engine(engine)
+    unknown = sorted(set(descriptions) - set(names))
+    if unknown:
+        raise ValueError(f"--describe names {unknown[0]!r}, which is not an expert ({', '.join(names)})")
+
+
+def answer_budget(experts: dict[str, Expert]) -> int:
+    """The largest of the experts' training budgets (max_new_tokens in their config), 64 where none is recorded."""
+    budgets = []
+    for name, expert in experts.items():
+        value = expert.config.get("max_new_tokens", 64)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ExpertError(f"{name} records max_new_tokens {value!r}, not a positive whole number; give "
+                              f"--max-new-tokens")
+        budgets.append(value)
+    return max(budgets)
 
 
 def run_adaptation(experts: list[str], strategy: str, model: str | None = None, classifier: str | None = None,
                    split: str = "test", size: int = 100, seed: int = 0, shots: int = 16,
                    shot_split: str = "validation", mixture_shots: bool = False, cem: CEM | None = None,
                    max_new_tokens: int | None = None, engine: str = "hf", dtype: str = "auto",
-                   output=None, descriptions: dict[str, str] | None = None) -> dict:
+                   output=None, descriptions: dict[str, str] | None = None, overwrite: bool = True) -> dict:
     """`svf-rl adapt`: the experts (paths, or NAME=PATH) on a mixture of their own tasks' `split` (`size`
     problems each, from the task each expert's file records), with one strategy. few-shot searches one α
-    per task on `shots` problems of `shot_split` (as the paper does), or one α for the whole mixture."""
+    per task on `shots` problems of `shot_split` (as the paper does), or one α for the whole mixture.
+    Everything that the arguments and files can show wrong fails in one line before the model loads; the
+    JSON `output` replaces a file only with `overwrite`, an input never."""
     import json
-    from pathlib import Path
 
+    from .compose import check_same_base
     from .evaluate import experts_on_model, inference_engine, load_model
-    from .expert import load_expert
+    from .expert import base_model_for, load_expert
     from .run_files import write_atomic
 
-    names = [expert_name(p) for p in experts]
-    paths = [p.split("=", 1)[1] if "=" in p else p for p in experts]
-    if len(set(names)) != len(names):
-        raise ExpertError(f"expert names must differ (give NAME=PATH): {names}")
-    if strategy == "few-shot" and shot_split == split:
-        raise ExpertError(f"few-shot shots must come from another split than the evaluated {split!r}")
+    pairs = [split_expert_arg(e) for e in experts]
+    names, paths = [name for name, _ in pairs], [path for _, path in pairs]
+    if not names:
+        raise ExpertError("adaptation needs at least one expert")
+    descriptions = descriptions or {}
+    check_adaptation(names, strategy, classifier, split, size, shots, shot_split, max_new_tokens, engine,
+                     descriptions)
     loaded = [load_expert(p) for p in paths]
+    classifier_expert = load_expert(classifier) if classifier else None
+    check_same_base(loaded + ([classifier_expert] if classifier_expert else []),
+                    names + ([str(classifier)] if classifier_expert else []))
+    model = base_model_for(loaded[0], paths[0], model)
+    budget = max_new_tokens or answer_budget(dict(zip(names, loaded, strict=True)))
+    if output is not None:
+        check_output(output, paths + ([classifier] if classifier else []), overwrite)
     tasks = {}
     for name, expert in zip(names, loaded, strict=True):
         if not expert.config.get("task"):
@@ -377,12 +450,14 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
         tasks[name] = load_task(expert.config["task"], expert.config.get("task_args", {}))
     items = mixture(tasks, split, size, seed)  # bad task data fails here, before the model loads
     shot_items = shot_sets(tasks, shot_split, shots, seed + 1, mixture_shots) if strategy == "few-shot" else None
-    classifier_expert = load_expert(classifier) if classifier else None
-    model_obj, tokenizer = load_model(model or loaded[0].base_model, dtype)
+    if not items or (shot_items is not None and not all(shot_items.values())):
+        raise ExpertError(f"the experts' tasks hold no problems in the {split if not items else shot_split} split")
+    if classifier_expert is not None:  # its labels and training prompts, from its file
+        check_disjoint(classifier_expert, classifier_task(classifier_expert, names), items)
+    model_obj, tokenizer = load_model(model, dtype)
     together = experts_on_model(model_obj, loaded + ([classifier_expert] if classifier_expert else []),
                                 names + (["classifier"] if classifier_expert else []))
-    rollouts = inference_engine(engine, model_obj, tokenizer, model or loaded[0].base_model, seed)
-    budget = max_new_tokens or max(int(e.config.get("max_new_tokens", 64)) for e in loaded)
+    rollouts = inference_engine(engine, model_obj, tokenizer, model, seed)
     adapter = Adapter(model_obj, tokenizer, dict(zip(names, together[:len(names)], strict=True)), rollouts, budget)
     outcome = adapter.run(strategy, items, together[-1] if classifier_expert else None, shot_items, cem,
                           descriptions)

@@ -8,8 +8,17 @@ import os
 import sys
 
 
+class UsageError(Exception):
+    """A command line that argparse refuses."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line like every other error (usage: --help), and main returns 2
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="svf-rl", description="Train SVF expert vectors with REINFORCE + KL.")
+    parser = Parser(prog="svf-rl", description="Train SVF expert vectors with REINFORCE + KL.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train an expert (no arguments: the embedded CPU default)")
     train.add_argument("--config", help="YAML file of TrainConfig keys")
@@ -37,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", help="JSON file for the result (default: eval_<task>_<split>.json)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     mix = commands.add_parser("compose", help="mix experts into one: z' = Σ α_k z_k")
     mix.add_argument("experts", nargs="+", help="expert files")
     mix.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
     mix.add_argument("--alpha-file", help="JSON {module: [one weight per expert]} for per-module mixing")
     mix.add_argument("--output", "-o", required=True, help="expert file to write")
+    mix.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     adapt = commands.add_parser("adapt", help="Transformer² two-pass inference over experts, on their tasks' mixture")
     adapt.add_argument("experts", nargs="+", help="expert files, or NAME=PATH (default name: the run directory)")
     adapt.add_argument("--strategy", required=True, help="prompt | classifier | few-shot | oracle | base | a name")
@@ -63,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     adapt.add_argument("--seed", type=int, default=0)
     adapt.add_argument("--output", help="JSON file for the result (default: adapt_<strategy>.json)")
+    adapt.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     merge = commands.add_parser("merge", help="bake an expert into a plain Hugging Face model directory")
     merge.add_argument("expert", help="expert file")
-    merge.add_argument("output_dir", help="new directory for the merged model")
+    merge.add_argument("output_dir", help="new (or empty) directory for the merged model")
     merge.add_argument("--model", help="base model (default: the expert's own)")
     sakana = commands.add_parser("import-sakana", help="convert Sakana's Transformer² policy_params.pt")
     sakana.add_argument("file", help="policy_params.pt: learnable_params_module_list.{i}, raw pre-sigmoid p")
@@ -73,13 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     sakana.add_argument("--task", default="", help="task name to record")
     sakana.add_argument("--as-z", action="store_true", help="store z (composable) instead of their exact p")
     sakana.add_argument("--output", "-o", required=True, help="expert file to write")
+    sakana.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     export = commands.add_parser("export", help="write the expert file of a checkpoint")
     export.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
     export.add_argument("output", help="expert file to write (.safetensors)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     inspect = commands.add_parser("inspect", help="summarise an expert file")
     inspect.add_argument("file")
     commands.add_parser("tasks", help="list built-in and installed tasks")
-    args = parser.parse_args(argv)
+    from .inputs import one_line
+
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named after the command, as its other errors are
+            raise UsageError(f"svf-rl {args.command}: error: unrecognized arguments: {' '.join(extra)}")
+    except UsageError as err:
+        print(one_line(str(err)), file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,56 +125,32 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             import json
 
-            from .base_model import EMBEDDED_MODEL
+            from .evaluate import default_output, eval_target
             from .evaluate import evaluate as run_eval
-            from .expert import load_expert
+            from .task import parse_task_args
 
-            first = load_expert(args.experts[0]) if args.experts else None
-            model = args.model or (first.base_model if first else EMBEDDED_MODEL)
-            task, task_args = args.task, None
-            if task is None:  # the task the (first) expert was trained on, with its arguments
-                if first is None or not first.config.get("task"):
-                    raise ValueError("give --task: " + ("the base model has no task of its own" if first is None
-                                                         else f"{args.experts[0]} records no training task"))
-                task, task_args = first.config["task"], first.config.get("task_args", {})
-            if args.task_args:
-                try:
-                    task_args = json.loads(args.task_args)
-                except ValueError as err:
-                    raise ValueError(f"--task-args is not JSON: {err}") from None
-            output = args.output or f"eval_{task.replace('/', '_').replace(':', '_')}_{args.split}.json"
+            model, task, task_args = eval_target(args.experts, args.model, args.task, parse_task_args(args.task_args))
+            output = args.output or default_output(task, args.split)
             result = run_eval(model, task, args.experts, args.alpha, task_args, split=args.split, size=args.size,
                               seed=args.seed, max_new_tokens=args.max_new_tokens, samples=args.samples,
-                              temperature=args.temperature, engine=args.engine, dtype=args.dtype, output=output)
+                              temperature=args.temperature, engine=args.engine, dtype=args.dtype, output=output,
+                              overwrite=args.overwrite)
             print(json.dumps(result, indent=2))
             print(f"result written to {output}")
         elif args.command == "compose":
-            import json
+            from .compose import compose_files
 
-            from .compose import compose
-            from .expert import load_expert, save_expert
-
-            experts = [load_expert(path) for path in args.experts]
-            if args.alpha_file:
-                try:
-                    alpha = json.loads(open(args.alpha_file).read())
-                except (OSError, ValueError) as err:
-                    raise ValueError(f"--alpha-file {args.alpha_file}: {err}") from None
-            else:
-                alpha = args.alpha or [1.0 / len(experts)] * len(experts)
-            save_expert(compose(experts, alpha, args.experts), args.output)
-            print(f"composed expert written to {args.output}")
+            written = compose_files(args.experts, args.output, args.alpha, args.alpha_file, args.overwrite)
+            print(f"composed expert written to {written}")
         elif args.command == "adapt":
-            from .adapt import CEM, run_adaptation, summary_line
+            from .adapt import CEM, parse_descriptions, run_adaptation, summary_line
 
             cem = CEM(args.population, args.elite_fraction, args.iterations, args.per_layer, seed=args.seed)
-            if any("=" not in d for d in args.describe):
-                raise ValueError("--describe takes NAME=TEXT")
-            descriptions = dict(d.split("=", 1) for d in args.describe)
             output = args.output or f"adapt_{args.strategy}.json"
             result = run_adaptation(args.experts, args.strategy, args.model, args.classifier, args.split, args.size,
                                     args.seed, args.shots, args.shot_split, args.mixture_shots, cem,
-                                    args.max_new_tokens, args.engine, args.dtype, output, descriptions)
+                                    args.max_new_tokens, args.engine, args.dtype, output,
+                                    parse_descriptions(args.describe), args.overwrite)
             print(summary_line(result))
             print(f"per task: {result['per_task']}")
             print(f"result written to {output}")
@@ -161,18 +159,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"merged model written to {merge_expert(args.expert, args.output_dir, args.model)}")
         elif args.command == "import-sakana":
-            from .base_model import load_base_model
-            from .expert import save_expert
-            from .sakana import import_policy_params, read_policy_params
+            from .sakana import import_file
 
-            vectors = read_policy_params(args.file)  # a file in another layout fails before the model loads
-            model, _ = load_base_model(args.model)
-            expert = import_policy_params(args.file, model, args.model, args.task, args.as_z, vectors)
-            print(f"expert ({expert.parametrisation}) written to {save_expert(expert, args.output)}")
+            expert, written = import_file(args.file, args.model, args.output, args.task, args.as_z, args.overwrite)
+            print(f"expert ({expert.parametrisation}) written to {written}")
         elif args.command == "export":
             from .export import export_checkpoint
 
-            print(f"expert written to {export_checkpoint(args.checkpoint, args.output)}")
+            print(f"expert written to {export_checkpoint(args.checkpoint, args.output, args.overwrite)}")
         elif args.command == "inspect":
             from .expert import describe_expert, load_expert
 
@@ -184,6 +178,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:20s} {describe_task(name)}  [{target}]")
     except (ConfigError, ExpertError, TrainingError, VLLMServerError, FileNotFoundError, FileExistsError,
             ValueError) as err:
-        print(f"svf-rl {args.command}: error: {err}", file=sys.stderr)
+        print(f"svf-rl {args.command}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     return 0

@@ -6,20 +6,22 @@ unbiased pass@k of Chen et al. (2021): 1 − C(n−c, k) / C(n, k) for c correct
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
 
 import torch
 
-from .base_model import cache_root, load_base_model, resolve_dtype, resolve_model_path
-from .compose import compose
+from .base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_dtype, resolve_model_path
+from .compose import check_alpha, check_same_base, compose
 from .engine import HFEngine, Sampling, chat_ids
-from .expert import Expert, ExpertError, as_scale_expert, load_expert
+from .expert import Expert, ExpertError, as_scale_expert, base_model_for, load_expert
+from .inputs import check_count, check_model_id, check_output, check_split
 from .run_files import wilson_interval, write_atomic
 from .svd import model_fingerprint
 from .svf import apply_svf, load_z, svf_layers
-from .task import load_task, safe_score, unique_rows
+from .task import TaskError, load_task, safe_score, unique_rows
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -64,6 +66,59 @@ def model_with_experts(model: str, experts: list[Expert], alpha=None, dtype: str
     return model_obj, tokenizer, expert
 
 
+def check_engine(engine: str) -> None:
+    if engine not in ("hf", "vllm"):
+        raise ValueError(f"--engine must be hf or vllm, got {engine!r}")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("--engine vllm needs vLLM, which is not installed: pip install -e '.[vllm]'")
+
+
+def check_evaluation(experts: list[Expert], names: list[str], alpha, split: str, size: int, max_new_tokens: int,
+                     samples: int, temperature: float, top_p: float, engine: str) -> None:
+    """One line for any argument that cannot be evaluated, and for experts that cannot be mixed, before the
+    model loads."""
+    check_count("--size", size)
+    check_count("--max-new-tokens", max_new_tokens)
+    check_count("--samples", samples, 0)
+    check_split("--split", split)
+    if samples > 0 and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0 to sample (--samples {samples}), got "
+                         f"{temperature}")
+    if samples > 0:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_engine(engine)
+    if experts:
+        check_same_base(experts, names)
+    if alpha is not None:
+        if not experts:
+            raise ValueError("--alpha weighs experts: give the expert files too")
+        check_alpha(alpha, len(experts), list(experts[0].vectors))
+
+
+def eval_target(experts: list[str], model: str | None, task: str | None, task_args: dict | None
+                ) -> tuple[str, str, dict | None]:
+    """(base model, task, task arguments) to evaluate: as given, else the (first) expert's own; the base model
+    alone runs on the embedded model unless `model` says otherwise. The model is checked (one line)."""
+    first = load_expert(experts[0]) if experts else None
+    if first is None:
+        model = EMBEDDED_MODEL if model is None else model
+        check_model_id(model)
+    else:
+        model = base_model_for(first, str(experts[0]), model)
+    if task is None:  # the task the (first) expert was trained on, with its arguments
+        if first is None or not first.config.get("task"):
+            raise ValueError("give --task: " + ("the base model has no task of its own" if first is None
+                                                 else f"{experts[0]} records no training task"))
+        task = first.config["task"]
+        task_args = first.config.get("task_args", {}) if task_args is None else task_args
+    return model, task, task_args
+
+
+def default_output(task: str, split: str) -> str:
+    return f"eval_{task.replace('/', '_').replace(':', '_')}_{split}.json"
+
+
 def inference_engine(kind: str, model, tokenizer, model_id: str, seed: int = 0):
     """The model on the GPU if there is one, and its engine: HF generate or a colocated vLLM."""
     if torch.cuda.is_available():
@@ -79,16 +134,26 @@ def score(task, rows: list[dict], completions: list[str]) -> list[float]:
     return [safe_score(task, text, row) for row, text in zip(rows, completions, strict=True)]
 
 
-def evaluate(model: str, task: str, experts: list[str] = (), alpha=None, task_args: dict | None = None,
-             split: str = "test", size: int = 200, seed: int = 0, max_new_tokens: int = 64, samples: int = 0,
-             temperature: float = 1.0, top_p: float = 1.0, engine: str = "hf", batch_size: int = 64,
-             dtype: str = "auto", output: str | Path | None = None) -> dict:
+def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha=None,
+             task_args: dict | None = None, split: str = "test", size: int = 200, seed: int = 0,
+             max_new_tokens: int = 64, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
+             engine: str = "hf", batch_size: int = 64, dtype: str = "auto", output: str | Path | None = None,
+             overwrite: bool = True) -> dict:
     """Greedy accuracy (and pass@k from `samples` samples per problem, if > 0) of the model with the experts
-    (none: the base model; several: composed with `alpha`, equal weights by default). Written to `output` as
-    JSON when given."""
+    (none: the base model; several: composed with `alpha`, equal weights by default). `model` and `task`
+    default to the first expert's own (eval_target). Written to `output` as JSON when given; an existing
+    file is replaced only with `overwrite`, an expert file never. Bad input fails in one line before the model
+    loads."""
+    model, task, task_args = eval_target(list(experts), model, task, task_args)
+    loaded = [load_expert(path) for path in experts]
+    check_evaluation(loaded, [str(p) for p in experts], alpha, split, size, max_new_tokens, samples, temperature,
+                     top_p, engine)
+    if output is not None:
+        check_output(output, experts, overwrite)
     task_obj = load_task(task, task_args or {})
     rows = unique_rows(task_obj, task_obj.rows(split, size, seed), split)
-    loaded = [load_expert(path) for path in experts]
+    if not rows:
+        raise TaskError(f"task {task_obj.name}: the {split} split holds no problems")
     model_obj, tokenizer, expert = model_with_experts(model, loaded, alpha, dtype, [str(p) for p in experts])
     rollouts = inference_engine(engine, model_obj, tokenizer, model, seed)
     prompts = [chat_ids(tokenizer, task_obj.prompt(row)) for row in rows]

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .expert import Expert, save_expert
+from .expert import Expert, check_vectors, save_expert
+from .inputs import check_output, read_torch_file
 from .run_files import checkpoint_dirs, write_atomic
 
 RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, written when it starts
@@ -37,11 +38,31 @@ def read_run_info(run_dir: Path) -> dict:
     return info
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write the z of a checkpoint (or of a run directory's latest checkpoint) as an expert file."""
+def _export_info(path: Path) -> dict:
+    """run.json as export needs it, every failure one line."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not readable JSON ({type(err).__name__}); is it an svf-rl run record?") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not an svf-rl run record (a JSON object)")
+    missing = [key for key in ("base_model", "base_fingerprint", "targets", "task")
+               if not isinstance(info.get(key), str)]
+    if missing:
+        raise ValueError(f"{path} records no {', '.join(missing)}; is it an svf-rl run record?")
+    return info
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: bool = True) -> Path:
+    """Write the z of a checkpoint (or of a run directory's latest checkpoint) as an expert file. The output
+    replaces a file only with `overwrite`, and never one the checkpoint is read from; the checkpoint's state is
+    unpickled as tensors only."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if not checkpoint.is_dir():
+        raise ValueError(f"{checkpoint} is a file; give a run directory or one of its checkpoints/step_* "
+                         f"directories")
     if checkpoint.name.startswith("step_"):
         run_dir = checkpoint.parent.parent
     else:
@@ -49,15 +70,26 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         if not found:
             raise FileNotFoundError(f"{checkpoint} holds no checkpoints/step_* directory")
         checkpoint = found[-1]
-    state_file = checkpoint / "custom_checkpoint_0.pkl"
+    state_file, info_file = checkpoint / "custom_checkpoint_0.pkl", run_dir / RUN_INFO
+    config_file = run_dir / "config.yaml"
     if not state_file.exists():
         raise FileNotFoundError(f"{checkpoint} has no run state ({state_file.name})")
-    if not (run_dir / RUN_INFO).exists():
+    if not info_file.exists():
         raise FileNotFoundError(f"{run_dir} has no {RUN_INFO}; is it an svf-rl run directory?")
-    state = torch.load(state_file, weights_only=True)
-    info = json.loads((run_dir / RUN_INFO).read_text())
-    config_file = run_dir / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
-    expert = Expert(state["z"], info["base_model"], info["base_fingerprint"], info["targets"], info["task"],
-                    config, {"step": state["step"]})
+    output = check_output(output, [state_file, info_file, config_file], overwrite)
+    info = _export_info(info_file)
+    state = read_torch_file(state_file, "checkpoint run state")
+    z = state.get("z") if isinstance(state, dict) else None
+    if not isinstance(z, dict) or not all(isinstance(v, torch.Tensor) for v in z.values()):
+        raise ValueError(f"{state_file} holds no z vectors (module name -> tensor); is it an svf-rl checkpoint?")
+    z = {name: v.detach().float() for name, v in z.items()}
+    check_vectors(z, str(state_file))  # named after the checkpoint, not the file that would have been written
+    try:
+        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"{config_file} is not readable YAML ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not an svf-rl run config (a YAML mapping)")
+    expert = Expert(z, info["base_model"], info["base_fingerprint"], info["targets"], info["task"], config,
+                    {"step": state.get("step")})
     return save_expert(expert, output)

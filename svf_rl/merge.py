@@ -13,20 +13,27 @@ import torch
 from . import __version__
 from .base_model import cache_root, load_base_model, resolve_model_path
 from .compose import z_digest
-from .expert import load_expert, module_z
+from .expert import Expert, base_model_for, load_expert, module_z
+from .inputs import check_output
 from .run_files import atomic_directory
 from .svd import cached_svd, model_fingerprint
 from .svf import compose_weight, find_targets
 
 
+def check_merge(expert_path: str | Path, output_dir: str | Path, model: str | None = None) -> tuple[Expert, str]:
+    """(the expert, the base model id) once the output directory, the expert and the model are usable; one line
+    before anything loads if not. An existing file or non-empty directory is never replaced."""
+    check_output(output_dir, [expert_path], directory=True)
+    expert = load_expert(expert_path)
+    return expert, base_model_for(expert, str(expert_path), model)
+
+
 def merge_expert(expert_path: str | Path, output_dir: str | Path, model: str | None = None) -> Path:
     """Write the base model (the expert's own unless `model` is given) with the expert's W' to `output_dir`,
-    atomically; an existing non-empty `output_dir` is refused before anything loads."""
+    atomically; bad input (an existing non-empty `output_dir`, a file there, ...) is refused before anything
+    loads."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise FileExistsError(f"{output_dir} already exists and is not empty; give a new directory")
-    expert = load_expert(expert_path)
-    model_id = model or expert.base_model
+    expert, model_id = check_merge(expert_path, output_dir, model)
     from transformers import AutoTokenizer
 
     lm, _ = load_base_model(model_id, "auto")  # the checkpoint's own dtype

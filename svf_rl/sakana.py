@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .expert import SIGMOID_RESCALED, Expert, ExpertError, as_scale_expert
+from .expert import SIGMOID_RESCALED, Expert, ExpertError, as_scale_expert, save_expert
+from .inputs import check_model_id, check_output, read_torch_file
 from .svd import cached_svd, model_fingerprint
 from .svf import find_targets
 
@@ -20,16 +21,14 @@ KEY = re.compile(r"learnable_params_module_list\.(\d+)")
 
 
 def read_policy_params(path: str | Path) -> list[torch.Tensor]:
-    """The vectors p in file order, or one line saying why the file is not in Sakana's layout."""
+    """The vectors p in file order, or one line saying why the file is not in Sakana's layout or holds values
+    that are no expert (NaN, inf, empty vectors). Only tensors are unpickled: anything else is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise ExpertError(f"Sakana expert file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files, objects that weights_only refuses
-        raise ExpertError(f"{path} is not a torch state dict: {str(err).splitlines()[0][:200]}") from None
-    if not isinstance(state, dict) or not state:
+    state = read_torch_file(path, "Sakana expert file")
+    if not isinstance(state, dict):
         raise ExpertError(f"{path} is not a state dict of vectors (got {type(state).__name__})")
+    if not state:
+        raise ExpertError(f"{path} is an empty state dict: it holds no vectors")
     indices = {}
     for key, value in state.items():
         match = KEY.fullmatch(str(key))
@@ -38,9 +37,15 @@ def read_policy_params(path: str | Path) -> list[torch.Tensor]:
                               f"policy_params.pt?")
         if not isinstance(value, torch.Tensor) or value.dim() != 1 or not value.is_floating_point():
             raise ExpertError(f"{path}: {key} must be a 1-D float vector")
+        if not value.numel():
+            raise ExpertError(f"{path}: {key} holds no values")
+        if not torch.isfinite(value).all():
+            raise ExpertError(f"{path}: {key} has {int((~torch.isfinite(value)).sum())} non-finite values (NaN or "
+                              f"inf); p must be finite")
         indices[int(match.group(1))] = value
     if sorted(indices) != list(range(len(indices))):
-        raise ExpertError(f"{path}: indices must run 0..{len(indices) - 1} without gaps")
+        raise ExpertError(f"{path}: indices must run 0..{len(indices) - 1} without gaps, got "
+                          f"{sorted(indices)[:8]}")
     return [indices[i].float() for i in range(len(indices))]
 
 
@@ -59,7 +64,7 @@ def import_policy_params(path: str | Path, model, base_model: str, task: str = "
         if p.numel() != min(weight.shape):
             raise ExpertError(f"{path}: vector {k} has {p.numel()} values, but {name} has {min(weight.shape)} "
                               f"singular values")
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(p).all():  # read_policy_params refuses these; `vectors` may come from elsewhere
             raise ExpertError(f"{path}: vector {k} has non-finite values")
     config = {"imported_from": str(path), "source_format": "self-adaptive-llms policy_params.pt"}
     expert = Expert(dict(zip(names, vectors, strict=True)), base_model, model_fingerprint(model), "mlp", task,
@@ -72,3 +77,17 @@ def import_policy_params(path: str | Path, model, base_model: str, task: str = "
 
         expert = as_scale_expert(expert, singular_values)
     return expert
+
+
+def import_file(path: str | Path, model: str, output: str | Path, task: str = "", as_z: bool = False,
+                overwrite: bool = False) -> tuple[Expert, Path]:
+    """`svf-rl import-sakana`: the file, the model id and the output are checked before the model loads (the
+    output is never the input, and replaces a file only with `overwrite`); then the expert is written."""
+    from .base_model import load_base_model
+
+    vectors = read_policy_params(path)
+    check_model_id(model)
+    output = check_output(output, [path], overwrite)
+    lm, _ = load_base_model(model)
+    expert = import_policy_params(path, lm, model, task, as_z, vectors)
+    return expert, save_expert(expert, output)

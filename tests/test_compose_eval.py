@@ -130,6 +130,8 @@ def test_eval_command_writes_its_result_and_refuses_bad_input_in_one_line(tiny_m
     expert.config = {"task": "reasoning_gym", "task_args": {"dataset": "gcd", "extract": "last_number"}}
     path = save_expert(expert, tmp_path / "gcd.safetensors")
     assert main(["eval", str(path), "--model", tiny_model_dir, "--size", "2", "--max-new-tokens", "2",
-                 "--output", str(out)]) == 0
+                 "--output", str(out)]) == 2  # an earlier result is kept unless --overwrite
+    assert main(["eval", str(path), "--model", tiny_model_dir, "--size", "2", "--max-new-tokens", "2",
+                 "--output", str(out), "--overwrite"]) == 0
     assert "Greatest Common Divisor" in json.loads(out.read_text())["greedy"][0]["prompt"]
     assert main(["eval", "--model", tiny_model_dir]) == 2 and "give --task" in capsys.readouterr().err
