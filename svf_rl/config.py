@@ -48,7 +48,9 @@ class TrainConfig:
     lr: float = 5e-3  # the paper's 2e-3 learns too slowly for a 15-minute CPU demo
     lr_schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
-    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (with momentum; its step is linear in the gradient)
+    momentum: float = 0.9  # optimizer=sgd only
+    weight_decay: float = 0.0  # decoupled, towards z = 1 (the base model), not towards 0
     max_grad_norm: float = 1e-3
     micro_batch_size: int = 64  # sequences per forward/backward (whole prompt groups); gradients accumulate
     # Memory levers (README, Memory): each trades compute for memory.
@@ -82,6 +84,7 @@ CHOICES = {
     "kl_estimator": ("k1", "k3", "full"),
     "loss_aggregation": ("token_mean", "sequence_mean", "sequence_sum"),
     "lr_schedule": ("constant", "linear", "cosine"),
+    "optimizer": ("adamw", "sgd"),
 }
 
 
@@ -91,7 +94,8 @@ RANGES = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "kl_coef": (lambda v: v >= 0, ">= 0 (0 turns the KL penalty off)"),
     "lr": (lambda v: v > 0, "> 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0 (decays z towards 1, the base model)"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_grad_norm": (lambda v: v > 0, "> 0"),
     "engine_ratio_cap": (lambda v: v >= 0, ">= 0 (0 turns the importance ratio off)"),
     "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),

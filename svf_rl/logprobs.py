@@ -240,7 +240,9 @@ def token_stats(features: torch.Tensor, tokens: torch.Tensor, temperature: float
         rows = slice(start, start + step)
         args = (flat[rows], flat_tokens[rows], None if flat_ref is None else flat_ref[rows])
         if len(flat) > step and torch.is_grad_enabled() and flat.requires_grad:  # one chunk: nothing to save
-            parts.append(checkpoint(compute, *args, use_reentrant=False))
+            # No metadata check on the recomputation: under ZeRO-3 it sees the head's sharded weight released
+            # (shape [0]); the backward still gets it whole, as DeepSpeed gathers it before the head's backward.
+            parts.append(checkpoint(compute, *args, use_reentrant=False, determinism_check="none"))
         else:
             parts.append(compute(*args))
     return tuple(torch.cat(column).view(shape) for column in zip(*parts, strict=True))

@@ -47,7 +47,7 @@ from .svf import (
     z_vectors,
 )
 from .task import check_reward_columns, load_task, safe_score, unique_rows
-from .update import make_update, whole_matrices
+from .update import check_precision, make_update, whole_matrices
 
 log = logging.getLogger("svf_rl")
 
@@ -99,6 +99,7 @@ def train(config: TrainConfig) -> Path:
         torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(config, output_dir)
+    check_precision(accelerator)
     set_seed(config.seed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if config.prompts_per_step % world:
@@ -155,7 +156,7 @@ def train(config: TrainConfig) -> Path:
     forward = plan_forward(model, config.shared_prefix)
     z_params = [layer.z for layer in svf_layers(model).values()]
     state = RunState(model)
-    accelerator.register_for_checkpointing(state, update.scheduler)  # custom_checkpoint_0 is the run state
+    accelerator.register_for_checkpointing(state, *update.checkpointed)  # custom_checkpoint_0 is the run state
 
     metrics_path, best_path = output_dir / "metrics.jsonl", output_dir / "expert_best.safetensors"
     if checkpoints:
@@ -280,15 +281,16 @@ def train(config: TrainConfig) -> Path:
                                              (token_entropy * mask).sum() / total_tokens])
             sums = dict(zip(("loss", "kl", "entropy"), accelerator.reduce(sums, "sum").tolist(), strict=True))
             sampler_gap = accelerator.gather(sampler_gap).max().item() if engine_logp is not None else None
-            grad_norm = update.step()  # all ranks' gradient, clipped; not applied when it is not finite
+            # All ranks' gradient, clipped; not applied when it or the loss is not finite.
+            grad_norm = update.step(loss_finite=math.isfinite(sums["loss"]))
             if update.overflowed:  # fp16: the loss scale was too high for this step's gradient
                 log.info("step %d: fp16 gradient overflow; update skipped, loss scale now %g", step, update.scale)
-            elif not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            elif not math.isfinite(grad_norm):
                 bad_steps += 1
                 log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, bad_steps)
                 if bad_steps >= config.max_bad_steps:
-                    raise TrainingError(f"{bad_steps} consecutive non-finite losses; stopped at step {step}, "
-                                        f"last checkpoint kept in {output_dir / 'checkpoints'}")
+                    raise TrainingError(f"{bad_steps} consecutive non-finite losses or gradients; stopped at step "
+                                        f"{step}, last checkpoint kept in {output_dir / 'checkpoints'}")
             else:
                 bad_steps = 0
             update_time = time.perf_counter() - start
@@ -307,7 +309,7 @@ def train(config: TrainConfig) -> Path:
                 **{f"reward/{name}": mean_of(values) for name, values in all_per_func.items()},
                 **{k: v for k, v in sums.items()}, "grad_norm": grad_norm,
                 "z_dev_mean": deviation.mean().item(), "z_dev_max": deviation.max().item(),
-                "completion_len": generated / len(completions), "lr": update.lr(),
+                "completion_len": generated / len(completions), "lr": update.lr(), "loss_scale": update.scale,
                 "update_tokens": accelerator.reduce(torch.tensor(update_tokens(batch, shared),
                                                                  device=accelerator.device), "sum").item(),
                 "rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time,

@@ -61,18 +61,62 @@ def whole_matrices(accelerator: Accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # generate() then keeps ZeRO-3 ranks in step
 
 
+class DecayTowardsOne:
+    """Decoupled weight decay towards 1, the base model (decaying z towards 0 would shrink every singular
+    value): z ← 1 + (z − 1)(1 − lr·weight_decay) before each step, as AdamW does towards 0. It acts on the
+    optimiser's own parameter groups, so it also reaches DeepSpeed's flat fp32 partitions of z."""
+
+    def __init__(self, params, weight_decay: float = 0.0, **kwargs):
+        super().__init__(params, weight_decay=0.0, **kwargs)
+        for group in self.param_groups:
+            group["decay_towards_one"] = weight_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            rate = group["lr"] * group["decay_towards_one"]
+            if rate:
+                for p in group["params"]:
+                    p.sub_(p - 1, alpha=rate)
+        return super().step(closure)
+
+
+class AdamWTowardsOne(DecayTowardsOne, torch.optim.AdamW):
+    pass
+
+
+class SGDTowardsOne(DecayTowardsOne, torch.optim.SGD):
+    pass
+
+
 def _optimizer(model, config: TrainConfig):
-    """AdamW on z, and its lr schedule. The schedule is not given to accelerate: its wrapper steps it once per
-    process per step (it assumes each process saw a share of a larger batch), so with 2 processes a 10-step
-    linear decay would end at step 5. The loop steps it once per applied update; it is checkpointed as a
-    custom object (`scheduler`)."""
+    """The optimiser on z, and its lr schedule. The schedule is not given to accelerate: its wrapper steps it
+    once per process per step (it assumes each process saw a share of a larger batch), so with 2 processes a
+    10-step linear decay would end at step 5. The loop steps it once per applied update; it is checkpointed as
+    a custom object (`scheduler`)."""
     z_params = [layer.z for layer in svf_layers(model).values()]
-    optimizer = torch.optim.AdamW(z_params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":  # its step is linear in the gradient: the equality tests' bound rests on that
+        optimizer = SGDTowardsOne(z_params, lr=config.lr, momentum=config.momentum,
+                                  weight_decay=config.weight_decay)
+    else:
+        optimizer = AdamWTowardsOne(z_params, lr=config.lr, weight_decay=config.weight_decay)
     return z_params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
 
+INITIAL_LOSS_SCALE = 2.0 ** 12
+
+
+def check_precision(accelerator: Accelerator) -> None:
+    """accelerate's own fp16 scaler multiplies the loss by 2¹⁶ before svf-rl clips z's gradient, so the clip
+    would act on the scaled gradient and every step would shrink by the scale, silently."""
+    if accelerator.mixed_precision == "fp16" and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise UpdateError("accelerate mixed_precision fp16 would scale the loss before z's gradient is clipped; "
+                          "use mixed_precision: no with dtype=float16 (svf-rl scales the loss itself)")
+
+
 class TorchUpdate:
-    """z's gradient is summed over ranks in one flat all-reduce (a few hundred KB), clipped, and AdamW steps.
+    """z's gradient is summed over ranks in one flat all-reduce (a few hundred KB), clipped, and the optimiser
+    steps.
 
     No DDP wrapper: W' is composed once per step and ∂L/∂W' reaches z at the end of `policy_step`,
     which DDP's gradient hooks would not see.
@@ -87,14 +131,23 @@ class TorchUpdate:
         self.optimizer = accelerator.prepare(optimizer)
         # fp16 activations: their gradients underflow unless the loss is scaled (dynamically: halved on overflow).
         fp16 = any(p.dtype == torch.float16 for p in model.parameters())
-        self.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=2.0 ** 12) if fp16 else None
-        self.overflowed, self.scale = False, 1.0
+        self.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=INITIAL_LOSS_SCALE) if fp16 else None
+        self.checkpointed = [self.scheduler] + ([self.scaler] if fp16 else [])  # state that resumes with z
+        self.overflowed = False
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.accelerator.backward(loss if self.scaler is None else self.scaler.scale(loss))
 
-    def step(self) -> float:
-        """Apply the accumulated gradient; return its norm before clipping (not finite: nothing was applied)."""
+    def step(self, loss_finite: bool = True) -> float:
+        """Apply the accumulated gradient; return its norm before clipping (not finite: nothing was applied).
+
+        A non-finite loss is a bad step and leaves the loss scale alone. A non-finite fp16 gradient is an
+        overflow (`overflowed`; the scale halves) while the scale is above 1; at 1 the gradient is not finite
+        unscaled either, so it is a bad step too, and the scale stays at 1."""
+        self.overflowed = False
+        if not loss_finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(torch.cat([z.grad.flatten() for z in self.z_params]), "sum")
             for z, grad in zip(self.z_params, flat.split([z.numel() for z in self.z_params]), strict=True):
@@ -102,11 +155,12 @@ class TorchUpdate:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.z_params, self.max_grad_norm).item()
-        self.overflowed = self.scaler is not None and not math.isfinite(norm)
         if self.scaler is not None:
+            self.overflowed = not math.isfinite(norm) and self.scaler.get_scale() > 1
             self.scaler.step(self.optimizer)  # skipped when the unscaled gradient is not finite
             self.scaler.update()
-            self.scale = self.scaler.get_scale()
+            if self.scaler.get_scale() < 1:
+                self.scaler.update(1.0)
         elif math.isfinite(norm):
             self.optimizer.step()
         if math.isfinite(norm):
@@ -116,6 +170,11 @@ class TorchUpdate:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    @property
+    def scale(self) -> float:
+        """The loss scale the next step uses (1 without fp16)."""
+        return self.scaler.get_scale() if self.scaler is not None else 1.0
 
 
 class DeepSpeedUpdate:
@@ -136,8 +195,10 @@ class DeepSpeedUpdate:
                                   f"1e-3) round away; use mixed_precision: no (the factors keep the model's dtype)")
         z_params, optimizer, self.scheduler = _optimizer(model, config)
         # The loop accumulates micro-batches itself and marks the last one; DeepSpeed must not rescale.
+        # torch's AdamW/SGD with decay towards 1 (a subclass, which DeepSpeed calls untested): its flat fp32
+        # partitions hold only z.
         ds_config.update(train_micro_batch_size_per_gpu=config.micro_batch_size, gradient_accumulation_steps=1,
-                         gradient_clipping=config.max_grad_norm)
+                         gradient_clipping=config.max_grad_norm, zero_allow_untested_optimizer=True)
         zero = ds_config.setdefault("zero_optimization", {})
         stage3 = int(zero.get("stage", 0)) == 3
         if stage3:
@@ -145,6 +206,7 @@ class DeepSpeedUpdate:
             for layer in svf_layers(model).values():
                 layer.sharded = True
         self.engine, self.optimizer = accelerator.prepare(model, optimizer)
+        self.checkpointed = [self.scheduler]
         self.module = self.engine  # training forwards go through the engine: it counts micro-batches there
         if stage3 and accelerator.is_main_process:
             params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
@@ -161,10 +223,10 @@ class DeepSpeedUpdate:
         # DeepSpeed averages gradients over ranks; the loss is normalised by the whole step's counts already.
         self.engine.backward(loss * self.world)
 
-    def step(self) -> float:
+    def step(self, loss_finite: bool = True) -> float:
         self.engine.step()  # skips the update, and reports an infinite norm, when the gradient is not finite
         norm = self.engine.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
+        norm = float("nan") if norm is None or not loss_finite else float(norm)
         if math.isfinite(norm):
             self.scheduler.step()
         return norm

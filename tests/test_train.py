@@ -85,13 +85,17 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
     import yaml
 
     from svf_rl.config import config_dict
+    from tests.same_z import EQUALITY, assert_same_z
 
-    reference = tiny_config(tiny_model_dir, tmp_path / "a", steps=6, eval_every=100)
+    compared = dict(EQUALITY, lr=10.0, steps=6, eval_every=100)  # SGD: see tests/same_z.py
+    reference = tiny_config(tiny_model_dir, tmp_path / "a", **compared)
     train(reference)
-    z_reference = torch.load(sorted((Path(reference.output_dir) / "checkpoints").glob("step_*"))[-1]
-                             / "custom_checkpoint_0.pkl", weights_only=True)["z"]
 
-    config = tiny_config(tiny_model_dir, tmp_path / "b", steps=6, eval_every=100)
+    def z_at_step(config, step: int) -> dict:
+        checkpoint = Path(config.output_dir) / "checkpoints" / f"step_{step:06d}"
+        return torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)["z"]
+
+    config = tiny_config(tiny_model_dir, tmp_path / "b", **compared)
     config_path = tmp_path / "b.yaml"
     config_path.write_text(yaml.safe_dump(config_dict(config)))
     process = run_training_process(config_path)
@@ -107,9 +111,8 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
-    z_resumed = torch.load(checkpoints / "step_000006" / "custom_checkpoint_0.pkl", weights_only=True)["z"]
-    for name, z in z_reference.items():
-        assert torch.allclose(z_resumed[name], z, atol=1e-6), name
+    steps = [r for r in read_metrics(Path(reference.output_dir) / "metrics.jsonl") if "reward" in r]
+    assert_same_z(z_at_step(config, 6), z_at_step(reference, 6), steps, reference)
 
 
 def test_export_turns_a_checkpoint_into_the_same_expert(tiny_model_dir, tmp_path):

@@ -20,7 +20,8 @@ from svf_rl.logprobs import completion_logprobs, make_token_batch
 from svf_rl.svd import weight_fingerprints
 from svf_rl.svf import apply_svf, policy_step, svf_layers
 from svf_rl.train import pad_logprobs, train
-from tests.test_distributed import assert_same_z, launch, step_metrics, z_at
+from tests.same_z import EQUALITY, assert_same_z
+from tests.test_distributed import launch, step_metrics, z_at
 from tests.test_train import tiny_config
 
 pytestmark = [pytest.mark.slow,
@@ -101,6 +102,11 @@ def test_weights_pushed_after_a_step_match_the_trainer(kind, smollm2_path, reque
     assert ((engine_logp - stale).abs() * new_mask).max().item() > 1e-2  # the push changed vLLM's weights
 
 
+# SGD for runs compared with each other (tests/same_z.py); each clipped step moves z by lr·1e-3 = 2 in 2-norm,
+# about 1e-2 per element, as far as Adam at lr 1e-2.
+COMPARED = dict(EQUALITY, lr=2000.0)
+
+
 def server_config(model_path, run_dir, url, **overrides):
     # Two URLs for the one server: the prompts are spread over both and z is pushed to each.
     return tiny_config(model_path, run_dir, **{
@@ -123,28 +129,28 @@ def test_training_through_a_vllm_server_with_the_importance_ratio(smollm2_path, 
 def test_one_and_two_trainer_processes_train_through_a_vllm_server(smollm2_path, vllm_server, tmp_path):
     # No importance ratio here: it would make the gradient depend on the server's log-probs, whose last
     # digits vary with how the server happens to batch the two ranks' requests.
-    single = server_config(smollm2_path, tmp_path / "single", vllm_server)
+    single = server_config(smollm2_path, tmp_path / "single", vllm_server, **COMPARED)
     train(single)
     assert (Path(single.output_dir) / "expert.safetensors").exists()
     # Two ranks: the main one pushes z, and neither samples until the server holds it; so with per-prompt
     # seeds both ranks draw what the single process drew, and end with its z.
-    double = server_config(smollm2_path, tmp_path / "double", vllm_server)
+    double = server_config(smollm2_path, tmp_path / "double", vllm_server, **COMPARED)
     launch("ddp", double, 29541)
     steps = [json.loads(line) for line in (Path(double.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [s["z_rank_spread"] for s in steps if "reward" in s] == [0.0, 0.0]
     single_z, double_z = z_at(Path(single.output_dir), 2), z_at(Path(double.output_dir), 2)
-    assert max((z - 1).abs().max().item() for z in single_z.values()) > 1e-3
-    assert_same_z(double_z, single_z, 2, single.lr)
+    assert_same_z(double_z, single_z, step_metrics(Path(single.output_dir)), single)
 
 
 def test_a_resumed_run_through_a_vllm_server_continues_as_an_uninterrupted_one(smollm2_path, vllm_server, tmp_path):
-    whole = server_config(smollm2_path, tmp_path / "whole", vllm_server)
+    whole = server_config(smollm2_path, tmp_path / "whole", vllm_server, **COMPARED)
     train(whole)
-    train(server_config(smollm2_path, tmp_path / "resumed", vllm_server, steps=1))
-    resumed = server_config(smollm2_path, tmp_path / "resumed", vllm_server)
+    train(server_config(smollm2_path, tmp_path / "resumed", vllm_server, steps=1, **COMPARED))
+    resumed = server_config(smollm2_path, tmp_path / "resumed", vllm_server, **COMPARED)
     train(resumed)  # the server must be sent the restored z before the first resumed rollout
     assert_engine_served_the_trainers_z(Path(resumed.output_dir), moved=1e-3)
-    assert_same_z(z_at(Path(resumed.output_dir), 2), z_at(Path(whole.output_dir), 2), 2, whole.lr)
+    assert_same_z(z_at(Path(resumed.output_dir), 2), z_at(Path(whole.output_dir), 2),
+                  step_metrics(Path(whole.output_dir)), whole)
 
 
 def test_a_missing_server_is_a_one_line_error(smollm2_path):
@@ -193,14 +199,15 @@ def run_cli(config) -> None:
 
 
 def test_a_resumed_colocated_vllm_run_continues_as_an_uninterrupted_one(smollm2_path, tmp_path):
-    whole = colocated_config(smollm2_path, tmp_path / "whole")
+    whole = colocated_config(smollm2_path, tmp_path / "whole", **COMPARED)
     run_cli(whole)
-    run_cli(colocated_config(smollm2_path, tmp_path / "resumed", steps=2))
-    resumed = colocated_config(smollm2_path, tmp_path / "resumed")
+    run_cli(colocated_config(smollm2_path, tmp_path / "resumed", steps=2, **COMPARED))
+    resumed = colocated_config(smollm2_path, tmp_path / "resumed", **COMPARED)
     run_cli(resumed)  # the engine must start from the restored z, not from z = 1
     assert_engine_served_the_trainers_z(Path(resumed.output_dir))
     assert [s["step"] for s in step_metrics(Path(resumed.output_dir))] == [1, 2, 3]
-    assert_same_z(z_at(Path(resumed.output_dir), 3), z_at(Path(whole.output_dir), 3), 3, whole.lr)
+    assert_same_z(z_at(Path(resumed.output_dir), 3), z_at(Path(whole.output_dir), 3),
+                  step_metrics(Path(whole.output_dir)), whole)
 
 
 VLLM_LOAD = """
