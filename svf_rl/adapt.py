@@ -394,6 +394,8 @@ def check_adaptation(names: list[str], strategy: str, classifier: str | None, sp
     if max_new_tokens is not None:
         check_count("--max-new-tokens", max_new_tokens)
     check_engine(engine)
+    if descriptions and strategy != "prompt":
+        raise ValueError(f"--describe is used only by --strategy prompt, not {strategy!r}")
     unknown = sorted(set(descriptions) - set(names))
     if unknown:
         raise ValueError(f"--describe names {unknown[0]!r}, which is not an expert ({', '.join(names)})")

@@ -105,7 +105,7 @@ def compose(experts: list[Expert], alpha: list[float] | dict[str, list[float]], 
 
 
 def compose_files(paths: list[str], output: str | Path, alpha: list[float] | None = None,
-                  alpha_file: str | Path | None = None, overwrite: bool = False) -> Path:
+                  alpha_file: str | Path | None = None, overwrite: bool = True) -> Path:
     """`svf-rl compose`: the expert files mixed with `alpha` (or the JSON in `alpha_file`; equal weights by
     default) and written to `output`, which is never one of the inputs and replaces a file only with
     `overwrite`. Everything is checked before anything is written."""

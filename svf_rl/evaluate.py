@@ -149,7 +149,8 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     check_evaluation(loaded, [str(p) for p in experts], alpha, split, size, max_new_tokens, samples, temperature,
                      top_p, engine)
     if output is not None:
-        check_output(output, experts, overwrite)
+        task_file = task.rpartition(":")[0]
+        check_output(output, [*experts, *([task_file] if task_file.endswith(".py") else [])], overwrite)
     task_obj = load_task(task, task_args or {})
     rows = unique_rows(task_obj, task_obj.rows(split, size, seed), split)
     if not rows:

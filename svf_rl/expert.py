@@ -108,7 +108,8 @@ def load_expert(path: str | Path) -> Expert:
     try:
         path = check_input_file(path, "expert file")
     except (OSError, ValueError) as err:
-        raise ExpertError(str(err)) from None
+        hint = Path(path) / "expert.safetensors"  # a run directory: its expert is inside
+        raise ExpertError(f"{err}; did you mean {hint}?" if hint.is_file() else str(err)) from None
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}

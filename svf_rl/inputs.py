@@ -84,6 +84,8 @@ def check_output(path: str | Path, inputs: Iterable[str | Path] = (), overwrite:
     else:
         if path.is_dir() or text.endswith(("/", os.sep)):
             raise ValueError(f"{path} is a directory; give a file path for the output")
+        if path.exists() and not path.is_file():  # a device or pipe: replacing it is never what was meant
+            raise ValueError(f"{path} is not a regular file; give a file path for the output")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; give --overwrite to replace it, or another path")
     parent = path.absolute().parent

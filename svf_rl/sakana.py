@@ -80,7 +80,7 @@ def import_policy_params(path: str | Path, model, base_model: str, task: str = "
 
 
 def import_file(path: str | Path, model: str, output: str | Path, task: str = "", as_z: bool = False,
-                overwrite: bool = False) -> tuple[Expert, Path]:
+                overwrite: bool = True) -> tuple[Expert, Path]:
     """`svf-rl import-sakana`: the file, the model id and the output are checked before the model loads (the
     output is never the input, and replaces a file only with `overwrite`); then the expert is written."""
     from .base_model import load_base_model
