@@ -23,12 +23,13 @@ import svf_rl.merge
 import svf_rl.sakana  # noqa: F401  (imported so that their loaders can be replaced)
 from svf_rl.cli import main
 from svf_rl.expert import SIGMOID_RESCALED, Expert, load_expert, save_expert
+from svf_rl.inputs import one_line
 
 UP, DOWN = "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"
 BASE = "org/base-model"  # a hub id: it passes the model check without a download
 FINGERPRINT = "0123456789abcdef" * 2
 GCD = ["reasoning_gym", {"dataset": "gcd", "config": {"min_value": 1, "max_value": 100}, "extract": "last_number"}]
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # escape codes and other control characters
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # escape codes and other control characters
 
 
 class ModelOpened(Exception):
@@ -565,3 +566,8 @@ def test_export_and_inspect_accept_good_input(tmp_path, capsys):
     assert main(["export", f"{run}/checkpoints/step_000002", old, "--overwrite"]) == 0
     assert load_expert(old).base_fingerprint == FINGERPRINT
     assert main(["inspect", old]) == 0 and "step: 2" in capsys.readouterr().out
+
+
+def test_messages_are_made_one_plain_line():
+    text = "a\x1b[31mred\x1b[0m\nnext\x9b2J \x1b]8;;http://x\x07link\x1b]8;;\x07\ttab\x07"
+    assert one_line(text) == "ared next 2J link tab"
