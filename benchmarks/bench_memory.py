@@ -10,6 +10,8 @@ every freed block of 64 KiB or more to the system (MALLOC_MMAP_THRESHOLD_), so t
 tensors and not a heap that kept freed memory.
 
     python benchmarks/bench_memory.py [--only NAME]
+
+The DeepSpeed rows run `accelerate launch` with 2 CPU processes (gloo), one thread each.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ QWEN_05B = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=896, intermedi
 
 SMALL_RUN = ["steps=1", "eval_every=1", "eval_size=8", "test_size=8", "eval_batch_size=8", "base_eval_max_new_tokens=0",
              "save_every=1000", "log_with=[]", "progress=false", "train_size=64"]
+# Configurations launched with DeepSpeed on 2 CPU processes: name -> accelerate config. Each process measures
+# its own peak; the row shows the larger.
+DEEPSPEED = {
+    "smollm2-135m bf16, compose, ZeRO-2, 2 processes": "zero2.yaml",
+    "smollm2-135m fp32, ZeRO-3, 2 processes": "zero3.yaml",
+}
 CONFIGS = {
     "smollm2-135m default (fp32)": (None, []),
     "smollm2-135m, KL full, no kept W', checkpointing": (None, ["kl_coef=0.05", "kl_estimator=full",
@@ -42,6 +50,9 @@ CONFIGS = {
                                                        "max_new_tokens=16", "micro_batch_size=8"]),
     "llama-3.2-1b-shaped (1.07B), fp32": (LLAMA_1B, ["prompts_per_step=2", "generations_per_prompt=4",
                                                      "max_new_tokens=8", "micro_batch_size=8"]),
+    "smollm2-135m bf16, compose, ZeRO-2, 2 processes": (None, ["dtype=bfloat16", "forward_strategy=compose",
+                                                               "prompts_per_step=4", "kl_coef=0.05"]),
+    "smollm2-135m fp32, ZeRO-3, 2 processes": (None, ["prompts_per_step=4", "kl_coef=0.05"]),
 }
 
 
@@ -114,11 +125,21 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     rows = []
     for name in [args.only] if args.only else CONFIGS:
-        proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
+        command = [sys.executable, __file__, "--child", name]
+        if name in DEEPSPEED:
+            launch = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / DEEPSPEED[name]
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
+                       "--num_processes", "2", *command[1:]]
+            env_run = {**env, "OMP_NUM_THREADS": "1"}
+        else:
+            env_run = env
+        proc = subprocess.run(command, capture_output=True, text=True, env=env_run)
+        results = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not results:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(line[7:]))
+        # The main process predicts; every process measures its own peak.
+        row = next(r for r in results if "peak" in r)
+        rows.append({**row, "measured": max(r["measured"] for r in results)})
     print(f"{'configuration':<52}{'predicted GiB':>14}{'measured GiB':>13}{'error':>8}  peak phase")
     for r in rows:
         error = (r["peak"] - r["measured"]) / r["measured"]

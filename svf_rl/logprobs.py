@@ -67,13 +67,14 @@ class PrefixLayer(DynamicLayer):
     """One layer's keys and values for a shared prompt.
 
     The prompt pass stores its own (replacing, not appending, so a recomputation under gradient checkpointing
-    stores the same again); the completion pass reads the stored prefix and stores nothing, so it too can be
-    recomputed. Gradients flow through both.
+    stores the same again). The completion pass repeats the stored prefix for its `group` completions inside
+    the layer and stores nothing: only one layer's repeated prefix exists at a time, a checkpoint keeps the
+    unrepeated one, and the pass can be recomputed. Gradients flow through both.
     """
 
-    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, group: int = 1):
         super().__init__()
-        self.prefix = prefix
+        self.prefix, self.group = prefix, group
         if prefix is not None:
             self.lazy_initialization(*prefix)
             self.keys, self.values = prefix
@@ -84,7 +85,8 @@ class PrefixLayer(DynamicLayer):
                 self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states, value_states
             return key_states, value_states
-        return torch.cat([self.prefix[0], key_states], -2), torch.cat([self.prefix[1], value_states], -2)
+        keys, values = (part.repeat_interleave(self.group, 0) for part in self.prefix)
+        return torch.cat([keys, key_states], -2), torch.cat([values, value_states], -2)
 
 
 class SharedPrefixCache(DynamicCache):
@@ -92,9 +94,9 @@ class SharedPrefixCache(DynamicCache):
         Cache.__init__(self, layers=layers, layer_class_to_replicate=None if layers else PrefixLayer)
 
     def repeated(self, group: int) -> SharedPrefixCache:
-        """The prompts' keys and values, each repeated for its `group` completions (differentiably)."""
-        return SharedPrefixCache([PrefixLayer((layer.keys.repeat_interleave(group, 0),
-                                               layer.values.repeat_interleave(group, 0))) for layer in self.layers])
+        """The prompts' keys and values for their `group` completions each, repeated layer by layer as the
+        completions reach it (differentiably)."""
+        return SharedPrefixCache([PrefixLayer((layer.keys, layer.values), group) for layer in self.layers])
 
 
 def shares_prefix(model) -> bool:

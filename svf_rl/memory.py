@@ -132,9 +132,33 @@ def saved_activations(shapes: Shapes, dtype: torch.dtype, strategy: dict[str, st
     return int(kept), int(one_layer)
 
 
+def compose_saved(out: int, inp: int, dtype: torch.dtype, input_grad: bool = True) -> int:
+    """Bytes autograd keeps for a W' composed inside a forward (under DeepSpeed, once per forward): W' itself for
+    the input's gradient (`input_grad`), and, for 16-bit factors, the fp32 copies of U and Vᵀ that z's gradient
+    needs (fp32 factors are kept by reference; sharded ones are gathered again for backward)."""
+    r, b = min(out, inp), torch.finfo(dtype).bits // 8
+    return (out * inp * b if input_grad else 0) + ((out * r + r * inp) * 4 if b < 4 else 0)
+
+
+def input_needs_grad(name: str, targets: list[tuple[str, int, int]]) -> bool:
+    """Whether a target's input depends on z: not in the first layer before anything targeted has run (its
+    attention reads the embeddings; its MLP too, unless its attention is targeted)."""
+    if _layer_index(name) != 0:
+        return True
+    kind = name.rsplit(".", 1)[-1]
+    if kind in ("q_proj", "k_proj", "v_proj"):
+        return False
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    attention = any(_layer_index(n) == 0 and n.rsplit(".", 1)[-1] not in mlp for n, _, _ in targets)
+    return kind not in ("gate_proj", "up_proj") or attention
+
+
 def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.device | str = "cpu",
-                    prompt_tokens: int = 64, processes: int = 1, shapes: Shapes | None = None) -> MemoryEstimate:
-    """Predicted peak memory of one training process. `prompt_tokens`: the longest prompt, in tokens."""
+                    prompt_tokens: int = 64, processes: int = 1, shapes: Shapes | None = None,
+                    zero_stage: int | None = None, zero3_live_parameters: int = 10**9) -> MemoryEstimate:
+    """Predicted peak memory of one training process. `prompt_tokens`: the longest prompt, in tokens;
+    `zero_stage`: DeepSpeed's ZeRO stage (0-3), None without DeepSpeed; `zero3_live_parameters`: its
+    stage3_max_live_parameters."""
     from .engine import HF_BATCH_SEQUENCES
     from .svf import cheaper_strategy
 
@@ -146,14 +170,16 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
     factor_numel = sum(o * min(o, i) + min(o, i) + min(o, i) * i for _, o, i in shapes.targets)
     ranks = sum(min(o, i) for _, o, i in shapes.targets)
 
+    sharded = zero_stage == 3  # every parameter partitioned over the processes, gathered when used
+    share = processes if sharded else 1
     resident = {
-        "base weights (not SVF)": (shapes.params - target_numel) * b,
-        "U, s, Vᵀ": factor_numel * b,
-        "z, its gradient, AdamW": ranks * 4 * 4,
+        "base weights (not SVF)": (shapes.params - target_numel) * b // share,
+        "U, s, Vᵀ": factor_numel * b // share,
+        "z, its gradient, optimiser state": ranks * 4 * 4,
     }
-    if config.weight_cache != "none":
+    if config.weight_cache != "none" and not sharded:  # sharded factors exist only inside forwards: no W' kept
         resident["kept W'(z)"] = target_numel * b
-    if config.weight_cache == "all" and config.kl_coef > 0:
+    if config.weight_cache == "all" and config.kl_coef > 0 and not sharded:
         resident["kept W'(1)"] = target_numel * b
 
     # The update: one micro-batch of whole prompt groups.
@@ -166,42 +192,67 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
     else:
         passes = [(rows, P + C, P + C)]
     step_tokens = (prompts * P + sequences * max(C - 1, 0)) if config.shared_prefix else sequences * (P + C)
-    strategy = {name: config.forward_strategy if config.forward_strategy != "auto"
-                else cheaper_strategy(step_tokens, out, inp) for name, out, inp in shapes.targets}
+    deepspeed = zero_stage is not None  # z's gradient must reach it inside each backward: W' per forward
+
+    def strategy_for(tokens: int) -> dict[str, str]:
+        return {name: config.forward_strategy if config.forward_strategy != "auto"
+                else cheaper_strategy(tokens, out, inp) for name, out, inp in shapes.targets}
+
+    strategy = strategy_for(max(r * q for r, q, _ in passes) if deepspeed else step_tokens)
     saved, one_layer = saved_activations(shapes, dtype, strategy, passes, config.gradient_checkpointing)
     saved += rows * C * d * b  # the hidden states fed to the head
     tokens = sum(r * q for r, q, _ in passes)
-    composed = [(o, i) for name, o, i in shapes.targets if strategy[name] == "compose"]
-    step_weights = sum(o * i for o, i in composed) * b * (2 if config.weight_cache == "none" else 1)
+    kv_width = 2 * shapes.kv_heads * shapes.head_dim * b
+    if deepspeed:
+        step_weights = sum(compose_saved(o, i, dtype, input_needs_grad(name, shapes.targets)) for r, q, _ in passes
+                           for name, o, i in shapes.targets if strategy_for(r * q)[name] == "compose")
+    else:
+        composed = [(o, i) for name, o, i in shapes.targets if strategy[name] == "compose"]
+        step_weights = sum(o * i for o, i in composed) * b * (2 if config.weight_cache == "none" else 1)
     chunk = min(config.logit_chunk_tokens or rows * C, rows * C)
     full_kl = config.kl_coef > 0 and config.kl_estimator == "full"
     head = chunk * V * (b + 20 + (b + 8 if full_kl else 0))  # logits, fp32 copies, softmax, their gradients
     if not config.logit_chunk_tokens:
         head += rows * C * V * 4  # the whole micro-batch's log-softmax, kept for backward
-    # Backward: one layer's gradients in flight, and under checkpointing its recomputed activations too.
+    # Backward: one layer's gradients in flight, and under checkpointing its recomputed activations too; with a
+    # shared prefix, one layer's prompt keys and values repeated for the completions, and their concatenation.
     layer_grads = one_layer * (2 if config.gradient_checkpointing else 1)
+    if config.shared_prefix:
+        layer_grads += rows * (2 * P + C - 1) * kv_width
     reference = _forward_transient(shapes, b, tokens) if config.kl_coef > 0 else 0
     update = {
         "saved activations": int(saved),
-        "step W' and ∂L/∂W'": step_weights,
+        ("W' kept by each forward (DeepSpeed)" if deepspeed else "step W' and ∂L/∂W'"): int(step_weights),
         "head, backward, reference (the largest)": int(max(head, layer_grads, reference)),
     }
+    if config.shared_prefix:  # every layer's prompt keys and values, unrepeated, kept until backward
+        update["shared prompts' keys and values"] = shapes.layers * (rows // G) * P * kv_width
     if config.kl_coef > 0:
         update["reference hidden states"] = rows * C * d * b
+    # ZeRO-3 keeps what it gathers for repeated forwards (generation, the update's passes) until
+    # stage3_max_live_parameters are whole: for models below that, every parameter.
+    whole = factor_numel + shapes.params - target_numel
+    gathered = {"gathered parameters (ZeRO-3)": min(whole, zero3_live_parameters) * b} if sharded else {}
+    update.update(gathered)
 
     # Rollouts with HF generate (vLLM engines hold their own memory), and evaluation.
     phases = {"update": update}
     if config.engine == "hf":
         at_once = min(prompts, max(1, HF_BATCH_SEQUENCES // G)) * G  # HFEngine's generate() calls
-        phases["rollout"] = _generation(shapes, b, at_once, P, C, config.weight_cache)
+        phases["rollout"] = _generation(shapes, b, at_once, P, C, config.weight_cache) | gathered
     evaluation_new = max(config.max_new_tokens, config.base_eval_max_new_tokens)
-    phases["evaluation"] = _generation(shapes, b, min(config.eval_batch_size, max(config.eval_size, config.test_size)),
-                                       P, evaluation_new, config.weight_cache) if config.engine == "hf" else {}
+    evaluated = min(config.eval_batch_size, max(config.eval_size, config.test_size))
+    phases["evaluation"] = (_generation(shapes, b, evaluated, P, evaluation_new, config.weight_cache) | gathered
+                            if config.engine == "hf" else {})
     # apply_svf runs on the host before the model moves to its device: there, the base weights are all held
     # until each target is replaced, plus copies of the kept ones (which let a mapped checkpoint file go).
     largest = max(o * i for _, o, i in shapes.targets)
     svd = {"base weights being replaced": target_numel * b, "copies of the kept weights": resident[
         "base weights (not SVF)"], "one matrix's fp32 SVD": 16 * largest}
+    if sharded:  # every process decomposes whole matrices; ZeRO-3 shards them afterwards
+        svd["whole weights and factors, before ZeRO-3 shards them"] = (
+            (shapes.params - target_numel) * b + factor_numel * b) * (share - 1) // share
+        svd["copies of the kept weights"] = (shapes.params - target_numel) * b
     on_gpu = torch.device(device).type != "cpu"
     if not on_gpu:
         phases["SVD"] = svd
@@ -254,9 +305,9 @@ def memory_report(estimate: MemoryEstimate) -> str:
 
 
 def predict_run(config, model_config_path: str | None = None, prompt_tokens: int = 256, gpu_gib: float = 80.0,
-                auto_dtype: str = "bfloat16") -> str:
+                auto_dtype: str = "bfloat16", processes: int = 1, zero_stage: int | None = None) -> str:
     """`svf-rl memory`: the prediction for a configuration on a GPU of `gpu_gib`, from the model's config.json
-    alone, and whether it fits with a colocated vLLM's share."""
+    alone, and whether it fits with a colocated vLLM's share; per process with `processes` and `zero_stage`."""
     from transformers import AutoConfig
 
     from .base_model import DTYPES, resolve_model_path
@@ -268,7 +319,7 @@ def predict_run(config, model_config_path: str | None = None, prompt_tokens: int
         raise FileNotFoundError(f"cannot read the config of {source!r} ({str(err).splitlines()[0]}); "
                                 f"give --model-config path/to/config.json") from None
     dtype = DTYPES[auto_dtype if config.dtype == "auto" else config.dtype]
-    estimate = estimate_memory(config, model_config, dtype, "cpu", prompt_tokens)
+    estimate = estimate_memory(config, model_config, dtype, "cpu", prompt_tokens, processes, zero_stage=zero_stage)
     if config.engine == "vllm":
         estimate.vllm = int(config.vllm_gpu_memory_utilization * gpu_gib * GiB)
         estimate.notes = [f"vLLM: {config.vllm_gpu_memory_utilization:.0%} of {gpu_gib:g} GiB"]

@@ -138,8 +138,9 @@ def train(config: TrainConfig) -> Path:
         model, tokenizer = load_base_model(config.model, dtype)
         if main:
             longest = max(len(chat_ids(tokenizer, task.prompt(row))) for row in train_rows[:256] + test_rows[:256])
-            accelerator.print(memory_report(estimate_memory(config, model.config, dtype, accelerator.device,
-                                                            longest, world)))
+            stage, live = zero_settings(accelerator)
+            accelerator.print(memory_report(estimate_memory(config, model.config, dtype, accelerator.device, longest,
+                                                            world, zero_stage=stage, zero3_live_parameters=live)))
     base_weights = weight_fingerprints(model)  # every base weight, before apply_svf replaces the targets
     fingerprint = model_fingerprint(model, base_weights)
     if previous.get("base_fingerprint", fingerprint) != fingerprint:
@@ -371,6 +372,15 @@ def check_resumable(previous: dict, config: TrainConfig, task_name: str, output_
         if key in previous and previous[key] != value:
             raise TrainingError(f"{output_dir} holds checkpoints of a run with {key}={previous[key]!r}, not "
                                 f"{value!r}; give another output_dir, or resume=false to start afresh there")
+
+
+def zero_settings(accelerator: Accelerator) -> tuple[int | None, int]:
+    """DeepSpeed's ZeRO stage (None without DeepSpeed) and its stage3_max_live_parameters."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None, 10**9
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    live = zero.get("stage3_max_live_parameters", 10**9)
+    return int(zero.get("stage", 0)), int(live) if str(live).isdigit() else 10**9
 
 
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
