@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--prompt-tokens", type=int, default=256, help="the longest prompt, in tokens")
     memory.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory, for vLLM's share and the fit")
     memory.add_argument("--dtype", default="bfloat16", help="what dtype=auto means on that GPU")
+    memory.add_argument("--processes", type=int, default=1, help="training processes (GPUs) sharing each step")
+    memory.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="DeepSpeed's ZeRO stage, if launched so")
     memory.add_argument("overrides", nargs="*", metavar="key=value")
     evaluate = commands.add_parser("eval", help="score the base model, an expert or a composition on a task")
     evaluate.add_argument("experts", nargs="*", help="expert files (none: the base model; several: composed)")
@@ -120,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "memory":
             from .memory import predict_run
 
+            if args.processes < 1:
+                raise ValueError(f"--processes must be at least 1, got {args.processes}")
             print(predict_run(load_config(args.config, args.overrides), args.model_config, args.prompt_tokens,
-                              args.gpu_gib, args.dtype))
+                              args.gpu_gib, args.dtype, args.processes, args.zero_stage))
         elif args.command == "eval":
             import json
 
