@@ -230,9 +230,10 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
     if config.kl_coef > 0:
         update["reference hidden states"] = rows * C * d * b
     # ZeRO-3 keeps what it gathers for repeated forwards (generation, the update's passes) until
-    # stage3_max_live_parameters are whole: for models below that, every parameter.
-    whole = factor_numel + shapes.params - target_numel
-    gathered = {"gathered parameters (ZeRO-3)": min(whole, zero3_live_parameters) * b} if sharded else {}
+    # stage3_max_live_parameters are whole: for models below that, every parameter; each all-gather also copies
+    # this process's partitions into its send buffer (measured: 1.5× the whole model with 2 processes).
+    whole = min(factor_numel + shapes.params - target_numel, zero3_live_parameters)
+    gathered = {"gathered parameters (ZeRO-3)": int(whole * b * (1 + 1 / processes))} if sharded else {}
     update.update(gathered)
 
     # Rollouts with HF generate (vLLM engines hold their own memory), and evaluation.
