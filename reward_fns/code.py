@@ -204,10 +204,14 @@ class _Candidate:
 
 
 def _exception(name, message):
-    """The builtin exception class called `name` with `message`, else a generic Exception."""
+    """The builtin exception class called `name` with `message`, else a generic Exception. StopIteration and
+    StopAsyncIteration become RuntimeError, as PEP 479 does for generators: raised inside a test's map() or
+    zip() they would end its iteration silently instead of failing it."""
     kind = getattr(builtins, name, None)
     if isinstance(kind, type) and issubclass(kind, BaseException) and not issubclass(kind, Exception):
         return CandidateFailed(f"raised {name}")
+    if name in ("StopIteration", "StopAsyncIteration"):
+        return RuntimeError(f"the candidate raised {name}: {message}")
     if isinstance(kind, type) and issubclass(kind, Exception):
         try:
             return kind(message)
@@ -238,6 +242,7 @@ def _judge_main():
         names, modules = hello.get("names"), hello.get("modules")
         if type(names) is not list or type(modules) is not dict:
             raise CandidateFailed(str(hello.get("error"))[:200])
+        _send(trainer, {"started": len(tests)})  # from here on, only the candidate can stall the judge
         for name, module in list(modules.items())[:100]:  # only the stdlib, imported here by the judge itself
             stdlib = type(module) is str and module.partition(".")[0] in sys.stdlib_module_names
             if stdlib and not name.startswith("__") and name not in namespace:
@@ -284,12 +289,15 @@ def judge(solution: str, tests: list[str], limits: Limits | None = None, setup: 
     """How many of `tests` pass against `solution`, or None (logged) when the sandbox itself failed.
 
     `setup` is the row's own code that the solution starts with (its `code_prefix`). The judge runs
-    it too, and the functions and classes it defines in full (not stubs with only a docstring) are
-    the tests' own, so that a solution cannot rig a helper the tests check it with (HumanEval's
-    `poly`, `encode_cyclic`, `encode_shift`).
+    it too, and every name it binds (imports, assignments, lambdas, and functions and classes defined
+    in full, not stubs with only a docstring) is the tests' own, so that a solution cannot rig a helper
+    the tests check it with (HumanEval's `poly`, `encode_cyclic`, `encode_shift`).
+
+    A judge that started the tests and then gave no count was stalled by the candidate's values (the
+    judge runs no model code): 0. None means the sandbox itself failed.
     """
     limits = limits or Limits()
-    job = {"tests": list(tests), "timeout": limits.timeout_s, "setup": setup, "trusted": _defined_in_full(setup)}
+    job = {"tests": list(tests), "timeout": limits.timeout_s, "setup": setup, "trusted": _bound_by_setup(setup)}
     candidate_end, judge_candidate_end = socket.socketpair()
     trainer_end, judge_trainer_end = socket.socketpair()
     try:
@@ -324,12 +332,24 @@ def judge(solution: str, tests: list[str], limits: Limits | None = None, setup: 
     return verdict
 
 
-def _defined_in_full(setup: str) -> list[str]:
+def _bound_by_setup(setup: str) -> list[str]:
+    """Every top-level name the setup binds, but the stubs it leaves for the solution to fill."""
     try:
         tree = ast.parse(setup)
     except SyntaxError:
         return []
-    return [node.name for node in tree.body if _in_full(node)]
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if _in_full(node):
+                names.add(node.name)
+            continue
+        for part in ast.walk(node):
+            if isinstance(part, ast.alias):  # import a.b binds a; import a as b binds b
+                names.add(part.asname or part.name.partition(".")[0])
+            elif isinstance(part, ast.Name) and isinstance(part.ctx, ast.Store):
+                names.add(part.id)
+    return sorted(names - {"*"})
 
 
 def _in_full(node: ast.stmt) -> bool:
@@ -343,19 +363,29 @@ def _in_full(node: ast.stmt) -> bool:
 
 
 def _verdict(sock: socket.socket, total: int) -> int | None:
-    """The judge's count, from its one message (it has exited), or None where it sent none that makes sense."""
+    """The judge's count from its messages (it has exited); 0 when it started the tests but sent no count,
+    None when it never started them or sent something that makes no sense."""
     data = b""
     try:
         sock.settimeout(1)
         while len(data) < 1000 and (chunk := sock.recv(1000)):
             data += chunk
-        message = json.loads(data[4:]) if int.from_bytes(data[:4], "big") == len(data) - 4 else None
-    except (OSError, ValueError):
+    except OSError:
+        pass
+    messages = []
+    while len(data) >= 4 and len(data) >= 4 + (size := int.from_bytes(data[:4], "big")):
+        try:
+            messages.append(json.loads(data[4:4 + size]))
+        except ValueError:
+            return None
+        data = data[4 + size:]
+    if not all(type(message) is dict for message in messages):
         return None
-    if type(message) is not dict:
-        return None
-    passed = message.get("passed")
-    return passed if type(passed) is int and 0 <= passed <= total and message.get("total") == total else None
+    final = next((message for message in messages if "passed" in message), None)
+    if final is None:
+        return 0 if any(message.get("started") == total for message in messages) else None
+    passed = final.get("passed")
+    return passed if type(passed) is int and 0 <= passed <= total and final.get("total") == total else None
 
 
 def tests_passed(solutions: list[str], tests: list[list[str]], limits: Limits | None = None,
@@ -366,8 +396,16 @@ def tests_passed(solutions: list[str], tests: list[list[str]], limits: Limits | 
     """
     workers = workers or os.cpu_count() or 1
     jobs = zip(solutions, tests, setups or [""] * len(solutions), strict=True)
+
+    def judged(job) -> int | None:  # whatever goes wrong with one completion stays with it
+        try:
+            return judge(job[0], job[1], limits, job[2])
+        except Exception as err:
+            log.warning("code reward: judging a completion failed (%s: %s); no score", type(err).__name__, err)
+            return None
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        passed = list(pool.map(lambda job: judge(job[0], job[1], limits, job[2]), jobs))
+        passed = list(pool.map(judged, jobs))
     return [(p, len(row_tests)) for p, row_tests in zip(passed, tests, strict=True)]
 
 

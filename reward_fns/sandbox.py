@@ -1,10 +1,14 @@
-"""Running hostile code: a separate session, rlimits, a timeout, a temp dir, no network, no access outside.
+"""Running hostile code: a separate session, rlimits, a timeout, its own tmpfs, no network, nothing shared.
 
 Each program runs as `python -I -B -S` (the standard library only: no site-packages, no .pth files)
 in a fresh temporary directory, in its own session (process group), with stdin at EOF after
 optional data. Before the program starts, a small boot step:
-- unshares a new network namespace (no interfaces, not even loopback) and PID namespace, so every
+- joins the sandbox's own cgroups, where the caller could make them (memory, tmpfs included, and
+  processes bounded for the whole sandbox);
+- unshares new network (no interfaces, not even loopback), PID, IPC and mount namespaces, so every
   process the program starts dies with it; as root directly, otherwise inside a new user namespace;
+- mounts its own /proc (its processes only) and a tmpfs of fixed size and inode count over its
+  directory, holding the files it was given: what it writes never reaches the host;
 - then sets rlimits: CPU seconds, address space, processes, file size, open files, no core dumps.
   Since Linux 5.14 process counts are kept per user namespace, so for a non-root caller
   RLIMIT_NPROC counts only the sandbox's own processes, not every thread of the caller's uid;
@@ -15,7 +19,9 @@ optional data. Before the program starts, a small boot step:
   standard library, and the temp dir (not site-packages, where benchmarks ship their data and answers,
   not /tmp, not the home holding datasets), writes only in the temp dir, no ptrace
   nor /proc/<pid>/fd, mem or environ of processes outside, no TCP bind/connect, and no signals
-  outside (kernel ABI >= 6).
+  outside (kernel ABI >= 6);
+- installs a seccomp filter: no keyrings, no System V IPC, no new unix sockets (pathname sockets on
+  the host are not reachable), and nothing from another syscall ABI.
 The boot reports over a socket the program never holds whether it got that far, so a failure of the
 sandbox itself (cannot fork, Landlock fails) is told apart from the program failing: `failure` in
 the result. What the OS lacks is reported by `isolation()`. Output goes to unlinked files capped by
@@ -24,6 +30,7 @@ the file-size limit, so a program cannot flood the caller's memory. The whole gr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -33,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -44,6 +52,9 @@ class Limits:
     memory_bytes: int = 1 << 30  # address space
     processes: int = 64  # per sandbox; root is exempt, and bounded by its PID namespace's pid_max (>= 301) instead
     file_bytes: int = 16 << 20  # also caps stdout and stderr
+    disk_bytes: int = 32 << 20  # the whole working directory: a tmpfs of this size (memory, while it runs)
+    inodes: int = 1024  # files and directories in it, which also bounds how deep it can nest
+    total_memory_bytes: int = 1 << 30  # all its processes and its tmpfs together, where a cgroup can be made
     open_files: int = 64
     output_bytes: int = 64 << 10  # tail of stdout/stderr kept in the result
 
@@ -64,19 +75,35 @@ class SandboxResult:
 # Runs before the program: namespaces, limits, privileges, Landlock, then the program as pid 1.
 # Anything that fails before the program runs is written to the status socket, which is closed first.
 _BOOT = r"""
-import ctypes, json, os, resource, signal, sys
+import ctypes, json, os, platform, resource, signal, struct, sys
 cfg = json.loads(sys.argv[1])
 status = cfg["status_fd"]
 def fail(what):
     os.write(status, what.encode()[:500])
     os._exit(125)
+for group in cfg["cgroups"]:  # before anything else runs: the whole sandbox counts against its limits
+    try:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as err:
+        fail(f"cannot join the cgroup {group}: {err.strerror}")
 libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
-# Non-root always gets a user namespace: RLIMIT_NPROC set in it counts only its processes.
-if os.geteuid() != 0 or libc.unshare(CLONE_NEWNET | CLONE_NEWPID) != 0:
-    libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID)
-for name, value in cfg["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), (value, value))
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWIPC, CLONE_NEWNS = 0x10000000, 0x40000000, 0x20000000, \
+    0x08000000, 0x00020000
+namespaces = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNS
+# Non-root always gets a user namespace: RLIMIT_NPROC set in it counts only its processes. Its uid and gid map
+# to themselves, so that the files it writes in its tmpfs have an owner.
+uid, gid = os.getuid(), os.getgid()
+if os.geteuid() != 0 or libc.unshare(namespaces) != 0:
+    if libc.unshare(CLONE_NEWUSER | namespaces) != 0:
+        fail(f"cannot make namespaces: {os.strerror(ctypes.get_errno())}")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+def limit(names):
+    for name in names:
+        resource.setrlimit(getattr(resource, name), (cfg["rlimits"][name],) * 2)
+limit(["RLIMIT_NPROC"])  # before the fork, which it counts; the rest once the child has set itself up
 try:
     child = os.fork()
 except OSError as err:
@@ -87,6 +114,27 @@ if child:
     code = os.waitstatus_to_exitcode(code)
     os._exit(code if code >= 0 else 128 - code)
 libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the boot process
+# Mounts of its own: a /proc that shows only the sandbox's processes, and a working directory on a tmpfs of
+# fixed size and inode count, which the host never sees and which goes with the namespace.
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 0x40000
+workdir = cfg["workdir"]
+files = {}
+for name in os.listdir(workdir):
+    with open(os.path.join(workdir, name), "rb") as f:
+        files[name] = f.read()
+tmpfs = f"size={cfg['disk_bytes']},nr_inodes={cfg['inodes']},mode=0700".encode()
+for source, target, kind, flags, data in [(None, "/", None, MS_REC | MS_PRIVATE, None),
+                                          ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+                                          ("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)]:
+    if libc.mount(source and source.encode(), target.encode(), kind and kind.encode(), flags, data) != 0:
+        fail(f"cannot mount {target}: {os.strerror(ctypes.get_errno())}")
+try:
+    for name, data in files.items():
+        with open(os.path.join(workdir, name), "wb") as f:
+            f.write(data)
+except OSError as err:
+    fail(f"cannot fill its directory: {err}")
+limit(name for name in cfg["rlimits"] if name != "RLIMIT_NPROC")
 try:
     with open("/proc/sys/kernel/pid_max", "w") as f:  # this PID namespace's own, on Linux >= 6.14
         f.write(str(cfg["pid_max"]))
@@ -129,6 +177,28 @@ if abi >= 1:
         os.close(fd)
     if libc.syscall(446, ruleset, 0) != 0:
         fail(f"Landlock failed: {os.strerror(ctypes.get_errno())}")  # never run unconfined where it exists
+# seccomp: no keyrings (the session keyring is the caller's), no System V IPC, and no new unix sockets (a
+# pathname socket on the host would be reachable; the channels this program needs are handed to it).
+# Other ABIs (32-bit, x32) get EPERM for every call.
+ARCH = {"x86_64": (0xC000003E, (248, 249, 250), (29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220), (41, 53)),
+        "aarch64": (0xC00000B7, (217, 218, 219), tuple(range(186, 198)), (198, 199))}.get(platform.machine())
+if ARCH is None:
+    fail(f"no seccomp filter for {platform.machine()}")
+arch, keys, ipc, sockets = ARCH
+LD, JEQ, JGE, RET, ALLOW, EPERM = 0x20, 0x15, 0x35, 0x06, 0x7FFF0000, 0x00050001
+blocked = keys + ipc
+deny = 9 + len(blocked)  # the index of the EPERM return; a jump from i to it skips deny - i - 1
+program = [(LD, 0, 0, 4), (JEQ, 0, deny - 2, arch), (LD, 0, 0, 0), (JGE, deny - 4, 0, 0x40000000)]
+program += [(JEQ, deny - 5 - i, 0, nr) for i, nr in enumerate(blocked)]
+# socket() and socketpair() with domain (the first argument) AF_UNIX
+program += [(JEQ, 1, 0, sockets[0]), (JEQ, 0, 2, sockets[1]), (LD, 0, 0, 16), (JEQ, 1, 0, 1), (RET, 0, 0, ALLOW),
+            (RET, 0, 0, EPERM)]
+assert len(program) == deny + 1
+code = b"".join(struct.pack("HBBI", *line) for line in program)
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+if libc.prctl(22, 2, ctypes.byref(Program(len(program), code)), 0, 0) != 0:  # PR_SET_SECCOMP, MODE_FILTER
+    fail(f"seccomp failed: {os.strerror(ctypes.get_errno())}")
 os.chdir(cfg["workdir"])
 os.write(status, b"ok")
 os.close(status)
@@ -152,15 +222,17 @@ class SandboxProcess:
     def __init__(self, program: str, files: dict[str, str] | None = None, stdin: str = "",
                  limits: Limits = Limits(), fds: Sequence[int] = ()):
         self.limits = limits
-        self._dir = tempfile.TemporaryDirectory(prefix="svf_rl_sandbox_", ignore_cleanup_errors=True)
+        self._dir = tempfile.mkdtemp(prefix="svf_rl_sandbox_")
+        self._cgroups = _make_cgroups(limits, os.path.basename(self._dir))
         self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         self._status, status_child = socket.socketpair()
         self.result: SandboxResult | None = None
-        workdir = self._dir.name
+        workdir = self._dir
         for name, text in {"program.py": program, **(files or {})}.items():
             with open(os.path.join(workdir, name), "w") as f:
                 f.write(text)
         config = {"workdir": workdir, "status_fd": status_child.fileno(), "fds": list(fds), "readable": _readable(),
+                  "disk_bytes": limits.disk_bytes, "inodes": limits.inodes, "cgroups": self._cgroups,
                   "listable": _listable(),
                   "pid_max": _pid_max(limits), "rlimits": {
                       "RLIMIT_CPU": limits.cpu_s, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_NPROC": limits.processes,
@@ -210,7 +282,8 @@ class SandboxProcess:
         self._status.close()
         self._out.close()
         self._err.close()
-        self._dir.cleanup()
+        remove_tree(self._dir)
+        _remove_cgroups(self._cgroups)
 
     def __enter__(self) -> SandboxProcess:
         return self
@@ -236,7 +309,10 @@ def isolation() -> dict:
                        "print(open('/proc/sys/kernel/pid_max').read().strip())\n",
                        limits=Limits(timeout_s=10))
     network, pid_max = (probe.stdout.split() + ["unknown", "0"])[:2]
-    return {"landlock_abi": max(abi, 0), "network": network, "drops_capabilities": True,
+    cgroups = _make_cgroups(Limits(), f"svf_rl_sandbox_probe_{os.getpid()}")
+    _remove_cgroups(cgroups)
+    return {"landlock_abi": max(abi, 0), "network": network, "drops_capabilities": True, "seccomp": True,
+            "own_proc_ipc_and_tmpfs": True, "whole_sandbox_cgroups": bool(cgroups),
             "pid_max": _pid_max(Limits()) if pid_max == str(_pid_max(Limits())) else 0, "limits": asdict(Limits())}
 
 
@@ -283,6 +359,103 @@ def _readable() -> list[str]:
 
 def _listable() -> list[str]:
     return _python_installation()[1]
+
+
+def _make_cgroups(limits: Limits, name: str) -> list[str]:
+    """Cgroups of the sandbox's own, below the caller's, that bound its memory (its tmpfs included) and its
+    processes as a whole, root's too: cgroup v1's memory and pids hierarchies, or v2 where the caller's cgroup
+    delegates both controllers. None where the caller cannot make them (their limits are then per process)."""
+    wanted = {"memory": limits.total_memory_bytes, "pids": limits.processes}
+    try:
+        lines = [line.rstrip("\n").split(":", 2) for line in open("/proc/self/cgroup")]
+    except OSError:
+        return []
+    made: list[str] = []
+    v1 = {controller: path for _, controllers, path in lines for controller in controllers.split(",")}
+    if all(os.path.isdir(f"/sys/fs/cgroup/{controller}") and controller in v1 for controller in wanted):
+        settings = [(f"/sys/fs/cgroup/{c}{v1[c].rstrip('/')}/{name}", {"memory": "memory.limit_in_bytes",
+                                                                         "pids": "pids.max"}[c], value)
+                    for c, value in wanted.items()]
+    else:
+        own = next((path for hierarchy, _, path in lines if hierarchy == "0"), None)
+        parent = f"/sys/fs/cgroup{(own or '').rstrip('/')}"
+        try:
+            delegated = set(open(f"{parent}/cgroup.subtree_control").read().split())
+        except OSError:
+            return []
+        if own is None or not set(wanted) <= delegated:
+            return []
+        settings = [(f"{parent}/{name}", f"{c}.max", value) for c, value in wanted.items()]
+    try:
+        for directory, file, value in settings:
+            if directory not in made:
+                os.mkdir(directory)
+                made.append(directory)
+            with open(os.path.join(directory, file), "w") as f:
+                f.write(str(value))
+    except OSError:
+        _remove_cgroups(made)
+        return []
+    return made
+
+
+def _remove_cgroups(directories: list[str]) -> None:
+    for directory in directories:
+        for _ in range(50):  # the killed processes leave it a moment after they are reaped
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
+def remove_tree(root: str) -> None:
+    """Delete `root` and everything in it, however deep, without recursion; never raises.
+
+    The working directory is a tmpfs inside the sandbox, so the host's copy holds only what was put there;
+    this stays safe where a program could write to it all the same (nested thousands deep, past PATH_MAX):
+    one directory descriptor at a time, names relative to it, never following a link.
+    """
+    names: list[str] = []  # the path from root down to the directory that `fd` holds
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        while True:
+            with os.scandir(fd) as entries:
+                below = None
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        below = below or entry.name
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.name, dir_fd=fd)
+            if below is not None:
+                try:
+                    child = os.open(below, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError:  # cannot enter it: remove what can be removed and stop there
+                    with contextlib.suppress(OSError):
+                        os.rmdir(below, dir_fd=fd)
+                    return
+                os.close(fd)
+                fd, names = child, names + [below]
+                continue
+            if not names:
+                break
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)  # not empty (something could not go): stop rather than loop
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(root)
 
 
 def _kill_group(pid: int) -> None:
