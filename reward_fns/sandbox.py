@@ -311,8 +311,9 @@ def isolation() -> dict:
     network, pid_max = (probe.stdout.split() + ["unknown", "0"])[:2]
     cgroups = _make_cgroups(Limits(), f"svf_rl_sandbox_probe_{os.getpid()}")
     _remove_cgroups(cgroups)
-    return {"landlock_abi": max(abi, 0), "network": network, "drops_capabilities": True, "seccomp": True,
-            "own_proc_ipc_and_tmpfs": True, "whole_sandbox_cgroups": bool(cgroups),
+    started = not probe.failure  # the boot runs no program without its namespaces, mounts and seccomp filter
+    return {"landlock_abi": max(abi, 0), "network": network, "drops_capabilities": started, "seccomp": started,
+            "own_proc_ipc_and_tmpfs": started, "whole_sandbox_cgroups": bool(cgroups),
             "pid_max": _pid_max(Limits()) if pid_max == str(_pid_max(Limits())) else 0, "limits": asdict(Limits())}
 
 
@@ -361,33 +362,36 @@ def _listable() -> list[str]:
     return _python_installation()[1]
 
 
-def _make_cgroups(limits: Limits, name: str) -> list[str]:
-    """Cgroups of the sandbox's own, below the caller's, that bound its memory (its tmpfs included) and its
+@functools.cache
+def _cgroup_settings(limits: Limits) -> list[tuple[str, str, int]]:
+    """(the caller's cgroup directory, limit file, value) for the sandbox's memory (its tmpfs included) and
     processes as a whole, root's too: cgroup v1's memory and pids hierarchies, or v2 where the caller's cgroup
-    delegates both controllers. None where the caller cannot make them (their limits are then per process)."""
+    delegates both controllers. Empty where neither is there; read once, as the caller's cgroup stays."""
     wanted = {"memory": limits.total_memory_bytes, "pids": limits.processes}
     try:
         lines = [line.rstrip("\n").split(":", 2) for line in open("/proc/self/cgroup")]
     except OSError:
         return []
-    made: list[str] = []
     v1 = {controller: path for _, controllers, path in lines for controller in controllers.split(",")}
     if all(os.path.isdir(f"/sys/fs/cgroup/{controller}") and controller in v1 for controller in wanted):
-        settings = [(f"/sys/fs/cgroup/{c}{v1[c].rstrip('/')}/{name}", {"memory": "memory.limit_in_bytes",
-                                                                         "pids": "pids.max"}[c], value)
-                    for c, value in wanted.items()]
-    else:
-        own = next((path for hierarchy, _, path in lines if hierarchy == "0"), None)
-        parent = f"/sys/fs/cgroup{(own or '').rstrip('/')}"
-        try:
-            delegated = set(open(f"{parent}/cgroup.subtree_control").read().split())
-        except OSError:
-            return []
-        if own is None or not set(wanted) <= delegated:
-            return []
-        settings = [(f"{parent}/{name}", f"{c}.max", value) for c, value in wanted.items()]
+        files = {"memory": "memory.limit_in_bytes", "pids": "pids.max"}
+        return [(f"/sys/fs/cgroup/{c}{v1[c].rstrip('/')}", files[c], value) for c, value in wanted.items()]
+    own = next((path for hierarchy, _, path in lines if hierarchy == "0"), None)
+    parent = f"/sys/fs/cgroup{(own or '').rstrip('/')}"
     try:
-        for directory, file, value in settings:
+        delegated = set(open(f"{parent}/cgroup.subtree_control").read().split())
+    except OSError:
+        return []
+    return [(parent, f"{c}.max", value) for c, value in wanted.items()] if set(wanted) <= delegated else []
+
+
+def _make_cgroups(limits: Limits, name: str) -> list[str]:
+    """The sandbox's own cgroups, `name` below the caller's, with its limits set; none where the caller cannot
+    make them (memory and processes are then bounded per process)."""
+    made: list[str] = []
+    try:
+        for parent, file, value in _cgroup_settings(limits):
+            directory = os.path.join(parent, name)
             if directory not in made:
                 os.mkdir(directory)
                 made.append(directory)

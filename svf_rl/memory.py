@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 GiB = 2**30
+ZERO3_LIVE_PARAMETERS = 10**9  # DeepSpeed's default stage3_max_live_parameters
 
 
 @dataclass
@@ -155,7 +156,8 @@ def input_needs_grad(name: str, targets: list[tuple[str, int, int]]) -> bool:
 
 def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.device | str = "cpu",
                     prompt_tokens: int = 64, processes: int = 1, shapes: Shapes | None = None,
-                    zero_stage: int | None = None, zero3_live_parameters: int = 10**9) -> MemoryEstimate:
+                    zero_stage: int | None = None,
+                    zero3_live_parameters: int = ZERO3_LIVE_PARAMETERS) -> MemoryEstimate:
     """Predicted peak memory of one training process. `prompt_tokens`: the longest prompt, in tokens;
     `zero_stage`: DeepSpeed's ZeRO stage (0-3), None without DeepSpeed; `zero3_live_parameters`: its
     stage3_max_live_parameters."""

@@ -47,7 +47,7 @@ from .svf import (
     z_vectors,
 )
 from .task import check_reward_columns, load_task, safe_score, unique_rows
-from .update import check_precision, make_update, whole_matrices
+from .update import check_precision, make_update, whole_matrices, zero_settings
 
 log = logging.getLogger("svf_rl")
 
@@ -372,15 +372,6 @@ def check_resumable(previous: dict, config: TrainConfig, task_name: str, output_
         if key in previous and previous[key] != value:
             raise TrainingError(f"{output_dir} holds checkpoints of a run with {key}={previous[key]!r}, not "
                                 f"{value!r}; give another output_dir, or resume=false to start afresh there")
-
-
-def zero_settings(accelerator: Accelerator) -> tuple[int | None, int]:
-    """DeepSpeed's ZeRO stage (None without DeepSpeed) and its stage3_max_live_parameters."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None, 10**9
-    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-    live = zero.get("stage3_max_live_parameters", 10**9)
-    return int(zero.get("stage", 0)), int(live) if str(live).isdigit() else 10**9
 
 
 def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:

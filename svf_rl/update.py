@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .config import TrainConfig
+from .memory import ZERO3_LIVE_PARAMETERS
 from .svf import svf_layers
 
 
@@ -87,6 +88,15 @@ class AdamWTowardsOne(DecayTowardsOne, torch.optim.AdamW):
 
 class SGDTowardsOne(DecayTowardsOne, torch.optim.SGD):
     pass
+
+
+def zero_settings(accelerator: Accelerator) -> tuple[int | None, int]:
+    """DeepSpeed's ZeRO stage (None without DeepSpeed) and its stage3_max_live_parameters, for the memory model."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None, ZERO3_LIVE_PARAMETERS
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    live = zero.get("stage3_max_live_parameters", ZERO3_LIVE_PARAMETERS)  # or "auto"
+    return int(zero.get("stage", 0)), int(live) if str(live).isdigit() else ZERO3_LIVE_PARAMETERS
 
 
 def _optimizer(model, config: TrainConfig):
