@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="DeepSpeed's ZeRO stage, if launched so")
     memory.add_argument("overrides", nargs="*", metavar="key=value")
     evaluate = commands.add_parser("eval", help="score the base model, an expert or a composition on a task")
-    evaluate.add_argument("experts", nargs="*", help="expert files (none: the base model; several: composed)")
+    evaluate.add_argument("experts", nargs="*", help="expert files (none: the base model; several: composed), or "
+                                                     "one PEFT adapter directory")
     evaluate.add_argument("--task", help="task name, module:Name or path/to/file.py:Name (default: the expert's own)")
     evaluate.add_argument("--task-args", help="the task's arguments as JSON (default: the expert's own)")
     evaluate.add_argument("--model", default=None, help="base model (default: the experts' own, or the embedded one)")
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("--seed", type=int, default=0)
     adapt.add_argument("--output", help="JSON file for the result (default: adapt_<strategy>.json)")
     adapt.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
-    merge = commands.add_parser("merge", help="bake an expert into a plain Hugging Face model directory")
-    merge.add_argument("expert", help="expert file")
+    merge = commands.add_parser("merge", help="bake an expert or adapter into a plain Hugging Face model directory")
+    merge.add_argument("expert", help="expert file, or a PEFT adapter directory")
     merge.add_argument("output_dir", help="new (or empty) directory for the merged model")
-    merge.add_argument("--model", help="base model (default: the expert's own)")
+    merge.add_argument("--model", help="base model (default: the expert's or adapter's own)")
     sakana = commands.add_parser("import-sakana", help="convert Sakana's Transformer² policy_params.pt")
     sakana.add_argument("file", help="policy_params.pt: learnable_params_module_list.{i}, raw pre-sigmoid p")
     sakana.add_argument("--model", required=True, help="the base model it was trained on")
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError, load_config
     from .expert import ExpertError
+    from .policies import PolicyError
     from .train import TrainingError
     from .vllm_engine import VLLMServerError
 
@@ -159,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"per task: {result['per_task']}")
             print(f"result written to {output}")
         elif args.command == "merge":
+            from .adapters import is_adapter_dir, merge_adapter
             from .merge import merge_expert
 
-            print(f"merged model written to {merge_expert(args.expert, args.output_dir, args.model)}")
+            merge = merge_adapter if is_adapter_dir(args.expert) else merge_expert
+            print(f"merged model written to {merge(args.expert, args.output_dir, args.model)}")
         elif args.command == "import-sakana":
             from .sakana import import_file
 
@@ -180,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, target in sorted(available_tasks().items()):
                 print(f"{name:20s} {describe_task(name)}  [{target}]")
-    except (ConfigError, ExpertError, TrainingError, VLLMServerError, FileNotFoundError, FileExistsError,
-            ValueError) as err:
+    except (ConfigError, ExpertError, PolicyError, TrainingError, VLLMServerError, FileNotFoundError,
+            FileExistsError, ValueError) as err:
         print(f"svf-rl {args.command}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     return 0

@@ -11,14 +11,18 @@ from pathlib import Path
 import yaml
 
 from .base_model import EMBEDDED_MODEL
+from .policies import POLICIES
 
 
 @dataclass
 class TrainConfig:
-    # Base model and SVF
+    # Base model and what trains in it
     model: str = EMBEDDED_MODEL  # HF id or directory; the default is SmolLM2-135M-Instruct, shipped offline
-    targets: str = "mlp"  # mlp | attn | all | a regex over module names
-    forward_strategy: str = "auto"  # auto | compose | factored
+    policy: str = "svf"  # svf | lora | dora | loraplus | lorafa | vera | adalora | tinylora | ia3 | delta_lora |
+    #                      lora_drop (docs/policies.md)
+    policy_args: dict = field(default_factory=dict)  # the policy's own arguments (docs/policies.md)
+    targets: str = "mlp"  # the matrices every policy adapts: mlp | attn | all | a regex over module names
+    forward_strategy: str = "auto"  # svf: auto | compose | factored
     dtype: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bfloat16 | float16 | float32; z stays fp32
     # Task
     task: str = "arithmetic"  # a registered task name, module:Name or path/to/file.py:Name
@@ -45,7 +49,7 @@ class TrainConfig:
     loss_aggregation: str = "token_mean"  # token_mean | sequence_mean | sequence_sum
     # Optimisation
     steps: int = 30
-    lr: float = 5e-3  # the paper's 2e-3 learns too slowly for a 15-minute CPU demo
+    lr: float = 0.0  # unset: the policy's own (svf 5e-3; each policy's in docs/policies.md)
     lr_schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     optimizer: str = "adamw"  # adamw | sgd (with momentum; its step is linear in the gradient)
@@ -55,7 +59,7 @@ class TrainConfig:
     micro_batch_size: int = 64  # sequences per forward/backward (whole prompt groups); gradients accumulate
     # Memory levers (README, Memory): each trades compute for memory.
     shared_prefix: bool = True  # a prompt's G completions run on one forward of it (same gradient, fewer tokens)
-    weight_cache: str = "all"  # composed W' kept for no-grad forwards: all (W'(z), W'(1)) | policy | none
+    weight_cache: str = "all"  # svf: composed W' kept for no-grad forwards: all (W'(z), W'(1)) | policy | none
     gradient_checkpointing: bool = False  # decoder layers keep only their inputs; recomputed in backward
     logit_chunk_tokens: int = 1024  # fp32 vocabulary rows alive at once in the update; 0 = the whole micro-batch
     # Evaluation
@@ -74,8 +78,16 @@ class TrainConfig:
     log_with: list = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 
+    def __post_init__(self):
+        if self.lr == 0 and isinstance(self.policy, str):
+            from .policies import POLICIES, default_lr
+
+            if self.policy in POLICIES:
+                self.lr = default_lr(self.policy)
+
 
 CHOICES = {
+    "policy": tuple(POLICIES),
     "forward_strategy": ("auto", "compose", "factored"),
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "weight_cache": ("all", "policy", "none"),
@@ -136,6 +148,8 @@ def make_config(values: dict) -> TrainConfig:
     for key, allowed in CHOICES.items():
         if key in checked and checked[key] not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {allowed}, got {checked[key]!r}")
+    if "lr" in checked and not checked["lr"] > 0:  # unset (0), it is the policy's own; given, it must be usable
+        raise ConfigError(f"config key 'lr' must be > 0, got {checked['lr']}")
     config = TrainConfig(**checked)
     check_ranges(config)
     return config
@@ -165,6 +179,16 @@ def check_ranges(config: TrainConfig) -> None:
     if config.baseline in ("rloo", "grpo") and config.generations_per_prompt < 2:
         raise ConfigError(f"config key 'generations_per_prompt' must be at least 2 with baseline "
                           f"{config.baseline!r}, whose advantage is 0 for a lone completion; or use baseline=mean")
+    svf_only = {"forward_strategy": "auto", "weight_cache": "all"}
+    for key, default in svf_only.items():
+        if config.policy != "svf" and getattr(config, key) != default:
+            raise ConfigError(f"config key {key!r} is SVF's; policy {config.policy!r} has no {key}")
+    from .policies import PolicyError, make_policy
+
+    try:
+        make_policy(config)  # its arguments, checked before anything loads
+    except PolicyError as err:
+        raise ConfigError(str(err)) from None
     if config.engine == "vllm_server" and not config.vllm_server_urls:
         raise ConfigError("config key 'vllm_server_urls' must list at least one server with engine 'vllm_server'")
 

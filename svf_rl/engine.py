@@ -34,7 +34,27 @@ class RolloutEngine(Protocol):
         """`sampling.n` completions per prompt, prompt-major: prompt i's are entries i*n .. i*n+n-1."""
 
     def update_weights(self) -> None:
-        """Make the next generate() use the policy's current z."""
+        """Make the next generate() use the policy's current parameters."""
+
+
+def make_engine(kind: str, model, tokenizer, policy=None, model_path: str = "", seed: int = 0,
+                gpu_memory_utilization: float = 0.3, max_model_len: int = 2048, urls=(), timeout: float = 300.0,
+                accelerator=None, fingerprints: dict[str, str] | None = None) -> RolloutEngine:
+    """hf: generate() on the model itself; vllm: a vLLM engine in this process, fed the policy's weights by name;
+    vllm_server: vLLM servers of their own, fed the policy's trainable state. `policy` None: the model as it is."""
+    if kind == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        weights = policy.engine_weights if policy is not None else lambda: iter(())
+        return VLLMEngine(model, tokenizer, model_path, weights, seed=seed,
+                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+    if kind == "vllm_server":
+        from .vllm_engine import VLLMServerEngine
+
+        main, wait = (accelerator.is_main_process, accelerator.wait_for_everyone) if accelerator else (True, None)
+        return VLLMServerEngine(model, tokenizer, policy, list(urls), timeout, main=main, wait=wait or (lambda: None),
+                                fingerprints=fingerprints)
+    return HFEngine(model, tokenizer)
 
 
 def generate_per_z(engine, groups: list[tuple[dict | None, list[list[int]]]], sampling: Sampling

@@ -15,7 +15,7 @@ import torch
 
 from .base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_dtype, resolve_model_path
 from .compose import check_alpha, check_same_base, compose
-from .engine import HFEngine, Sampling, chat_ids
+from .engine import Sampling, chat_ids
 from .expert import Expert, ExpertError, as_scale_expert, base_model_for, load_expert
 from .inputs import check_count, check_model_id, check_output, check_split
 from .run_files import wilson_interval, write_atomic
@@ -100,18 +100,26 @@ def eval_target(experts: list[str], model: str | None, task: str | None, task_ar
                 ) -> tuple[str, str, dict | None]:
     """(base model, task, task arguments) to evaluate: as given, else the (first) expert's own; the base model
     alone runs on the embedded model unless `model` says otherwise. The model is checked (one line)."""
-    first = load_expert(experts[0]) if experts else None
-    if first is None:
+    from .adapters import adapter_info, base_model_for_adapter, is_adapter_dir
+
+    adapter = bool(experts) and is_adapter_dir(experts[0])
+    if adapter and len(experts) > 1:
+        raise ValueError(f"{experts[0]} is a PEFT adapter; adapters are scored one at a time, not composed")
+    first = None if adapter or not experts else load_expert(experts[0])
+    config = adapter_info(experts[0]).get("config", {}) if adapter else (first.config if first else {})
+    if adapter:
+        model = base_model_for_adapter(experts[0], model)
+    elif first is None:
         model = EMBEDDED_MODEL if model is None else model
         check_model_id(model)
     else:
         model = base_model_for(first, str(experts[0]), model)
-    if task is None:  # the task the (first) expert was trained on, with its arguments
-        if first is None or not first.config.get("task"):
-            raise ValueError("give --task: " + ("the base model has no task of its own" if first is None
+    if task is None:  # the task the (first) expert or adapter was trained on, with its arguments
+        if not experts or not config.get("task"):
+            raise ValueError("give --task: " + ("the base model has no task of its own" if not experts
                                                  else f"{experts[0]} records no training task"))
-        task = first.config["task"]
-        task_args = first.config.get("task_args", {}) if task_args is None else task_args
+        task = config["task"]
+        task_args = config.get("task_args", {}) if task_args is None else task_args
     return model, task, task_args
 
 
@@ -119,15 +127,56 @@ def default_output(task: str, split: str) -> str:
     return f"eval_{task.replace('/', '_').replace(':', '_')}_{split}.json"
 
 
-def inference_engine(kind: str, model, tokenizer, model_id: str, seed: int = 0):
+class ModelWeights:
+    """The weights a colocated vLLM needs of an inference model: its SVF layers' W' at their z, and the listed
+    plain layers (an adapter merged into them)."""
+
+    def __init__(self, model, merged: list[str] = ()):
+        self.model, self.merged = model, list(merged)
+
+    def engine_weights(self):
+        for name, layer in svf_layers(self.model).items():
+            yield f"{name}.weight", layer.weight_for_inference()
+        for name in self.merged:
+            yield f"{name}.weight", self.model.get_submodule(name).weight
+
+
+def inference_engine(kind: str, model, tokenizer, model_id: str, seed: int = 0, merged: list[str] = ()):
     """The model on the GPU if there is one, and its engine: HF generate or a colocated vLLM."""
+    from .engine import make_engine
+
     if torch.cuda.is_available():
         model.to("cuda")
-    if kind == "vllm":
-        from .vllm_engine import VLLMEngine
+    return make_engine(kind, model, tokenizer, ModelWeights(model, merged),
+                       model_path=resolve_model_path(model_id) if kind == "vllm" else "", seed=seed)
 
-        return VLLMEngine(model, tokenizer, resolve_model_path(model_id), seed=seed)
-    return HFEngine(model, tokenizer)
+
+@torch.no_grad()
+def greedy_accuracy(task, rows: list[dict], tokenizer, engine, max_new_tokens: int, batch_size: int,
+                    accelerator=None) -> dict:
+    """Greedy accuracy on `rows` with its 95% Wilson interval, and each row's completion and score. With an
+    `accelerator`, each rank scores its share of the rows and the counts are summed (`greedy` then holds this
+    rank's)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = rows[rank::world]
+    # Every rank generates for as many rows (ZeRO-3 forwards are collective); the padding is not scored.
+    share = -(-len(rows) // world)
+    padded = mine + rows[:share - len(mine)]
+    prompts = [chat_ids(tokenizer, task.prompt(row)) for row in padded]
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    completions = []
+    for first in range(0, len(prompts), batch_size):
+        completions += engine.generate(prompts[first:first + batch_size], sampling)
+    completions = completions[:len(mine)]
+    scores = score(task, mine, [c.text for c in completions])
+    correct = sum(scores)
+    if accelerator is not None:
+        correct = accelerator.reduce(torch.tensor(float(correct), device=accelerator.device), "sum").item()
+    low, high = wilson_interval(correct, len(rows))
+    result = {"accuracy": correct / len(rows), "accuracy_low": low, "accuracy_high": high, "n": len(rows)}
+    result["greedy"] = [{"prompt": task.prompt(row)[-1]["content"], "completion": c.text, "score": value}
+                        for row, c, value in zip(mine, completions, scores, strict=True)]
+    return result
 
 
 def score(task, rows: list[dict], completions: list[str]) -> list[float]:
@@ -145,7 +194,12 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     file is replaced only with `overwrite`, an expert file never. Bad input fails in one line before the model
     loads."""
     model, task, task_args = eval_target(list(experts), model, task, task_args)
-    loaded = [load_expert(path) for path in experts]
+    from .adapters import is_adapter_dir, merged_model
+
+    adapter = bool(experts) and is_adapter_dir(experts[0])
+    if adapter and alpha is not None:
+        raise ValueError("--alpha weighs SVF experts; a PEFT adapter is scored as it is")
+    loaded = [] if adapter else [load_expert(path) for path in experts]
     check_evaluation(loaded, [str(p) for p in experts], alpha, split, size, max_new_tokens, samples, temperature,
                      top_p, engine)
     if output is not None:
@@ -155,18 +209,17 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     rows = unique_rows(task_obj, task_obj.rows(split, size, seed), split)
     if not rows:
         raise TaskError(f"task {task_obj.name}: the {split} split holds no problems")
-    model_obj, tokenizer, expert = model_with_experts(model, loaded, alpha, dtype, [str(p) for p in experts])
-    rollouts = inference_engine(engine, model_obj, tokenizer, model, seed)
-    prompts = [chat_ids(tokenizer, task_obj.prompt(row)) for row in rows]
-    greedy = []
-    for first in range(0, len(prompts), batch_size):
-        greedy += rollouts.generate(prompts[first:first + batch_size], Sampling(1, 0.0, 1.0, max_new_tokens))
-    scores = score(task_obj, rows, [c.text for c in greedy])
-    correct = sum(scores)  # the task's held-out score, as in training
-    low, high = wilson_interval(correct, len(rows))
+    if adapter:
+        (model_obj, tokenizer, merged), expert = merged_model(experts[0], model, dtype), None
+    else:
+        (model_obj, tokenizer, expert), merged = model_with_experts(model, loaded, alpha, dtype,
+                                                                    [str(p) for p in experts]), []
+    rollouts = inference_engine(engine, model_obj, tokenizer, model, seed, merged)
+    greedy = greedy_accuracy(task_obj, rows, tokenizer, rollouts, max_new_tokens, batch_size)
     result = {"model": model, "experts": [str(p) for p in experts], "alpha": alpha, "task": task_obj.name,
-              "split": split, "n": len(rows), "accuracy": correct / len(rows), "accuracy_low": low,
-              "accuracy_high": high, "max_new_tokens": max_new_tokens}
+              "split": split, "n": len(rows), **{k: greedy[k] for k in ("accuracy", "accuracy_low", "accuracy_high")},
+              "max_new_tokens": max_new_tokens}
+    prompts = [chat_ids(tokenizer, task_obj.prompt(row)) for row in rows]
     if samples > 0:
         per_call = max(1, batch_size // samples)
         sampled = []
@@ -181,8 +234,7 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
         result.update(samples=samples, temperature=temperature, top_p=top_p)
     if expert is not None:
         result["composition"] = expert.config.get("composition")
-    result["greedy"] = [{"prompt": task_obj.prompt(row)[-1]["content"], "completion": c.text, "score": value}
-                        for row, c, value in zip(rows, greedy, scores, strict=True)]
+    result["greedy"] = greedy["greedy"]
     if output is not None:
         write_atomic(Path(output), json.dumps(result, indent=2))
     return result

@@ -16,11 +16,11 @@ RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, wri
 
 
 def write_run_info(run_dir: Path, base_model: str, base_fingerprint: str, targets: str, task: str,
-                   task_args: dict | None = None) -> None:
+                   task_args: dict | None = None, policy: str = "svf") -> None:
     """Record what `export_checkpoint` needs besides z, so any checkpoint of the run can become an expert, and
     what a resumed run must match."""
     info = {"base_model": base_model, "base_fingerprint": base_fingerprint, "targets": targets, "task": task,
-            "task_args": task_args or {}}
+            "task_args": task_args or {}, "policy": policy}
     write_atomic(Path(run_dir) / RUN_INFO, json.dumps(info))
 
 
@@ -79,6 +79,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     output = check_output(output, [state_file, info_file, config_file], overwrite)
     info = _export_info(info_file)
     state = read_torch_file(state_file, "checkpoint run state")
+    if isinstance(state, dict) and "adapter" in state:
+        raise ValueError(f"{checkpoint} is a checkpoint of a {info.get('policy', 'PEFT')} adapter, not of z; its run "
+                         f"writes PEFT adapter directories (adapter/, adapter_best/) itself")
     z = state.get("z") if isinstance(state, dict) else None
     if not isinstance(z, dict) or not all(isinstance(v, torch.Tensor) for v in z.values()):
         raise ValueError(f"{state_file} holds no z vectors (module name -> tensor); is it an svf-rl checkpoint?")

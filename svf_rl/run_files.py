@@ -65,8 +65,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-RUN_OUTPUTS = ("checkpoints", "expert.safetensors", "expert_best.safetensors", "metrics.jsonl", "curve.png",
-               "run.json", "svf_rl")  # svf_rl: the trackers' logs
+RUN_OUTPUTS = ("checkpoints", "expert.safetensors", "expert_best.safetensors", "adapter", "adapter_best",
+               "metrics.jsonl", "curve.png", "run.json", "svf_rl")  # svf_rl: the trackers' logs
 
 
 def clear_run(output_dir: Path) -> bool:

@@ -1,4 +1,5 @@
-"""The RL loop: sample, score, compute advantages, REINFORCE + KL on z, step. Reads top to bottom."""
+"""The RL loop: sample, roll out, score, advantages, REINFORCE + KL, step, sync. Reads top to bottom; what it
+trains is the policy's business (svf_rl.policies)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,14 +17,14 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 
-from .base_model import cache_root, load_base_model, resolve_dtype, resolve_model_path
+from .base_model import load_base_model, resolve_dtype, resolve_model_path
 from .config import TrainConfig, config_dict
-from .engine import HFEngine, Sampling, chat_ids
-from .expert import Expert, load_expert, save_expert
+from .engine import Sampling, chat_ids
 from .export import read_run_info, write_run_info
 from .logprobs import checkpoint_layers, completion_features, make_token_batch, plan_forward, token_stats, update_tokens
 from .memory import estimate_memory, memory_report
 from .objective import advantages, aggregate, kl_penalty, policy_loss
+from .policies import make_policy
 from .rewards import as_completion, reward_name, score_completions
 from .run_files import (
     append_metrics,
@@ -32,21 +34,10 @@ from .run_files import (
     publish_checkpoint,
     read_metrics,
     truncate_metrics,
-    wilson_interval,
     write_atomic,
 )
 from .svd import model_fingerprint, weight_fingerprints
-from .svf import (
-    apply_expert,
-    apply_svf,
-    load_z,
-    policy_step,
-    reference_mode,
-    set_weight_cache,
-    svf_layers,
-    z_vectors,
-)
-from .task import check_reward_columns, load_task, safe_score, unique_rows
+from .task import check_reward_columns, load_task, unique_rows
 from .update import check_precision, make_update, whole_matrices, zero_settings
 
 log = logging.getLogger("svf_rl")
@@ -57,18 +48,21 @@ class TrainingError(RuntimeError):
 
 
 class RunState:
-    """What a checkpoint holds besides optimiser, scheduler and RNG: z, the step, the best validation score,
-    and the base model's test scores (measured at step 0, reported with the final expert)."""
+    """What a checkpoint holds besides optimiser, scheduler and RNG: the policy's trainable state, the step, the
+    best validation score, and the base model's test scores (measured at step 0, reported at the end)."""
 
-    def __init__(self, model):
-        self.model, self.step, self.best_accuracy, self.base_test = model, 0, -1.0, {}
+    def __init__(self, policy):
+        self.policy, self.step, self.best_accuracy, self.base_test = policy, 0, -1.0, {}
 
     def state_dict(self) -> dict:
-        return {"z": z_vectors(self.model), "step": self.step, "best_accuracy": self.best_accuracy,
-                "base_test": self.base_test}
+        return {self.policy.checkpoint_key: self.policy.state_dict(), "step": self.step,
+                "best_accuracy": self.best_accuracy, "base_test": self.base_test}
 
     def load_state_dict(self, state: dict) -> None:
-        load_z(self.model, state["z"])
+        if self.policy.checkpoint_key not in state:
+            raise TrainingError(f"the checkpoint holds no {self.policy.checkpoint_key!r} state: it is not a "
+                                f"{self.policy.name} run")
+        self.policy.load_state_dict(state[self.policy.checkpoint_key])
         self.step, self.best_accuracy = state["step"], state["best_accuracy"]
         self.base_test = state.get("base_test", {})
 
@@ -77,36 +71,105 @@ class RunState:
 def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, accelerator: Accelerator,
              max_new_tokens: int | None = None) -> dict:
     """Greedy held-out accuracy with its 95% interval; each rank scores its share of the rows."""
-    mine = rows[accelerator.process_index::accelerator.num_processes]
-    # Every rank generates for as many rows (ZeRO-3 forwards are collective); the padding is not scored.
-    share = -(-len(rows) // accelerator.num_processes)
-    padded = mine + rows[:share - len(mine)]
-    prompts = [chat_ids(tokenizer, task.prompt(row)) for row in padded]
-    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens or config.max_new_tokens)
-    completions = []
-    for first in range(0, len(prompts), config.eval_batch_size):
-        completions += engine.generate(prompts[first:first + config.eval_batch_size], sampling)
-    completions = completions[:len(mine)]
-    correct = sum(safe_score(task, c.text, row) for c, row in zip(completions, mine, strict=True))
-    correct = accelerator.reduce(torch.tensor(float(correct), device=accelerator.device), "sum").item()
-    low, high = wilson_interval(correct, len(rows))
-    return {"accuracy": correct / len(rows), "accuracy_low": low, "accuracy_high": high, "n": len(rows)}
+    from .evaluate import greedy_accuracy
+
+    result = greedy_accuracy(task, rows, tokenizer, engine, max_new_tokens or config.max_new_tokens,
+                             config.eval_batch_size, accelerator)
+    result.pop("greedy")  # the completions themselves are not logged
+    return result
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built by `setup`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    task: object
+    reward_funcs: list
+    weights: list
+    train_rows: list[dict]
+    validation_rows: list[dict]
+    test_rows: list[dict]
+    model: torch.nn.Module
+    tokenizer: object
+    policy: object  # what trains (svf_rl.policies)
+    update: object  # how its gradient becomes a step (svf_rl.update)
+    forward: object  # how the update runs its forwards (svf_rl.logprobs.plan_forward)
+    engine: object  # the rollout engine (svf_rl.engine)
+    state: RunState
+    record: dict  # base model, fingerprint, targets, task, config: what an artefact records
+    output_dir: Path
+    update_tokens: int = 0  # token positions the last update's forwards ran over
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            append_metrics(self.output_dir / "metrics.jsonl", record)
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                                 step=record["step"])
+
+    def artefact(self, best: bool = False) -> Path:
+        name = self.policy.artefact
+        if best:
+            stem, dot, suffix = name.partition(".")
+            name = f"{stem}_best{dot}{suffix}"
+        return self.output_dir / name
 
 
 def train(config: TrainConfig) -> Path:
-    """Train an expert vector; return the path of the expert file (the best on validation)."""
+    """Train the configured policy with REINFORCE + KL; return the path of what it saved (the best on validation,
+    scored on the test split)."""
+    run = setup(config)
+    state, accelerator = run.state, run.accelerator
+    if state.step == 0:  # the policy is the base model still
+        score_base_model(run)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.description}"), disable=not (config.progress and accelerator.is_main_process))
+    failures = {"bad_steps": 0, "failing_rewards": 0}
+    with bar:
+        job = bar.add_task("", total=config.steps, completed=state.step)
+        while state.step < config.steps:
+            step = state.step + 1
+            rows, conversations = sample_prompts(run, step)  # 1. this rank's share of the step's prompts
+            completions, rollout_time = roll_out(run, conversations, step)  # 2. G completions each
+            rewards, advantage, per_func = score(run, rows, conversations, completions, step, failures)  # 3.
+            sums, sampler_gap, grad_norm, update_time = update_policy(run, completions, advantage)  # 4. loss, step
+            check_step(run, step, grad_norm, failures)
+            start = time.perf_counter()
+            run.engine.update_weights()  # 5. the engine samples from the updated policy
+            sync_time = time.perf_counter() - start
+            state.step = step
+
+            record = step_record(run, step, rewards, per_func, sums, grad_norm, sampler_gap, completions,
+                                 {"rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time})
+            run.log(record)
+            bar.update(job, advance=1, description=f"reward {record['reward']:.3f}  kl {record['kl']:.2e}  "
+                                                   f"{run.policy.progress(record)}")
+            if step % config.eval_every == 0 or step == config.steps:
+                validate(run, step, bar.console)
+            if step % config.save_every == 0 or step == config.steps:
+                save_checkpoint(accelerator, run.output_dir, step, run.update.checkpoint_kwargs)
+    return finish(run)
+
+
+def setup(config: TrainConfig) -> Run:
+    """Check everything that can be checked before the model loads, then load it, attach the policy, and build the
+    update and the engine; resume from the latest checkpoint if there is one."""
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(config, output_dir)
     check_precision(accelerator)
     set_seed(config.seed)
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    main, world = accelerator.is_main_process, accelerator.num_processes
     if config.prompts_per_step % world:
         raise TrainingError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the "
                             f"{world} processes, which share each step's prompts")
 
-    # Task first, so that bad data fails before the model loads; then the model and its SVF parametrisation.
+    # Task first, so that bad data fails before the model loads.
     task = load_task(config.task, config.task_args)
     reward_funcs = list(task.reward_funcs)
     weights = config.reward_weights or list(task.reward_weights or [1.0] * len(reward_funcs))
@@ -117,6 +180,7 @@ def train(config: TrainConfig) -> Path:
     validation_rows = unique_rows(task, task.rows("validation", config.eval_size, config.seed), "validation")
     test_rows = unique_rows(task, task.rows("test", config.test_size, config.seed), "test")
     check_reward_columns(task, train_rows[0])
+    policy = make_policy(config)
     # The run directory, once the configuration and the task have passed their checks: bad input loses nothing.
     checkpoints = checkpoint_dirs(output_dir) if config.resume else []
     previous = read_run_info(output_dir) if checkpoints else {}
@@ -141,233 +205,241 @@ def train(config: TrainConfig) -> Path:
             stage, live = zero_settings(accelerator)
             accelerator.print(memory_report(estimate_memory(config, model.config, dtype, accelerator.device, longest,
                                                             world, zero_stage=stage, zero3_live_parameters=live)))
-    base_weights = weight_fingerprints(model)  # every base weight, before apply_svf replaces the targets
+    base_weights = weight_fingerprints(model)  # every base weight, before the policy adapts any
     fingerprint = model_fingerprint(model, base_weights)
     if previous.get("base_fingerprint", fingerprint) != fingerprint:
         raise TrainingError(f"{output_dir} holds a run on other base weights (fingerprint "
                             f"{previous['base_fingerprint']}, this model's is {fingerprint}); give another "
                             f"output_dir, or resume=false to start afresh there")
-    apply_svf(model, config.targets, config.forward_strategy, cache_root() / "svd", progress=config.progress and main)
-    set_weight_cache(model, config.weight_cache)
+    sample = random.Random(config.seed).sample(train_rows, min(len(train_rows), CALIBRATION_PROMPTS))
+    policy.attach(model, [chat_ids(tokenizer, task.prompt(row)) for row in sample], progress=config.progress and main)
     if config.gradient_checkpointing:
         checkpoint_layers(model)
     model.to(accelerator.device)
-    update = make_update(accelerator, model, config)  # AdamW on z; DeepSpeed's engine when launched with it
-    policy = update.module  # what training forwards call: the model, or the DeepSpeed engine around it
+    update = make_update(accelerator, model, policy, config)  # AdamW; DeepSpeed's engine when launched with it
     forward = plan_forward(model, config.shared_prefix)
-    z_params = [layer.z for layer in svf_layers(model).values()]
-    state = RunState(model)
+    state = RunState(policy)
     accelerator.register_for_checkpointing(state, *update.checkpointed)  # custom_checkpoint_0 is the run state
 
-    metrics_path, best_path = output_dir / "metrics.jsonl", output_dir / "expert_best.safetensors"
     if checkpoints:
         accelerator.load_state(str(checkpoints[-1]), **update.load_kwargs)
         if main:
             log.info("resumed from %s (step %d)", checkpoints[-1], state.step)
-            truncate_metrics(metrics_path, state.step)
-    # After resuming: the engine's first weights are the restored z.
-    engine = make_engine(config, model, tokenizer, accelerator, base_weights)
+            truncate_metrics(output_dir / "metrics.jsonl", state.step)
+    # After resuming: the engine's first weights are the restored policy's.
+    engine = make_engine(config, model, tokenizer, policy, accelerator, base_weights)
     accelerator.init_trackers("svf_rl", config={k: str(v) for k, v in config_dict(config).items()})
-
-    def make_expert(scores: dict) -> Expert:
-        return Expert(z_vectors(model), config.model, fingerprint, config.targets, task.name,
-                      config_dict(config), scores)
-
     if main:
-        write_run_info(output_dir, config.model, fingerprint, config.targets, task.name, config.task_args)
+        write_run_info(output_dir, config.model, fingerprint, config.targets, task.name, config.task_args,
+                       config.policy)
+    record = {"model": config.model, "fingerprint": fingerprint, "targets": config.targets, "task": task.name,
+              "config": config_dict(config)}
+    return Run(config, accelerator, task, reward_funcs, weights, train_rows, validation_rows, test_rows, model,
+               tokenizer, policy, update, forward, engine, state, record, output_dir)
 
-    def log_metrics(record: dict) -> None:
+
+CALIBRATION_PROMPTS = 64  # training prompts a policy may look at when it attaches (LoRA-drop's layer choice)
+
+
+def score_base_model(run: Run) -> None:
+    config, state = run.config, run.state
+    state.base_test = evaluate(run.task, run.test_rows, run.tokenizer, run.engine, config, run.accelerator)
+    run.log({"step": 0, **{f"base_test/{k}": v for k, v in state.base_test.items()}})
+    report(run.accelerator, "base model, test", state.base_test)
+    if config.base_eval_max_new_tokens > config.max_new_tokens:  # how much is skill, not brevity
+        generous = evaluate(run.task, run.test_rows, run.tokenizer, run.engine, config, run.accelerator,
+                            config.base_eval_max_new_tokens)
+        state.base_test["accuracy_generous"] = generous["accuracy"]
+        run.log({"step": 0, **{f"base_test_{config.base_eval_max_new_tokens}_tokens/{k}": v
+                               for k, v in generous.items()}})
+        report(run.accelerator, f"base model, test, {config.base_eval_max_new_tokens} new tokens", generous)
+
+
+def sample_prompts(run: Run, step: int) -> tuple[list[dict], list[list[dict]]]:
+    """The step's prompts, the same on every rank; each rank keeps its share."""
+    config, rank, world = run.config, run.accelerator.process_index, run.accelerator.num_processes
+    rows = random.Random(config.seed * 1_000_003 + step).sample(run.train_rows, config.prompts_per_step)
+    rows = rows[rank::world]
+    return rows, [run.task.prompt(row) for row in rows]
+
+
+def roll_out(run: Run, conversations: list[list[dict]], step: int) -> tuple[list, float]:
+    config, rank, world = run.config, run.accelerator.process_index, run.accelerator.num_processes
+    prompts = [chat_ids(run.tokenizer, messages) for messages in conversations]
+    start = time.perf_counter()
+    seeds = [hash((config.seed, step, i)) % 2**31 for i in range(config.prompts_per_step)][rank::world]
+    completions = run.engine.generate(prompts, Sampling(config.generations_per_prompt, config.temperature,
+                                                        config.top_p, config.max_new_tokens,
+                                                        seeds if config.seeded_rollouts else None))
+    return completions, time.perf_counter() - start
+
+
+def score(run: Run, rows: list[dict], conversations: list[list[dict]], completions: list, step: int,
+          failures: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Every rank's rewards (whole groups per rank), and this rank's advantages."""
+    config, accelerator, task = run.config, run.accelerator, run.task
+    group = config.generations_per_prompt
+    repeated = [row for row in rows for _ in range(group)]
+    columns = {key: [row[key] for row in repeated] for key in rows[0] if key != "prompt"}
+    messages = [m for m in conversations for _ in range(group)]
+    texts = [as_completion(m, c.text) for m, c in zip(messages, completions, strict=True)]
+    rewards, per_func, reward_errors = score_completions(
+        run.reward_funcs, run.weights, messages, texts, {**columns, "completion_ids": [c.ids for c in completions]},
+        task.name)
+    failures["failing_rewards"] = failures["failing_rewards"] + 1 if reward_errors else 0
+    if failures["failing_rewards"] >= config.max_bad_steps:
+        name, error = next(iter(reward_errors.items()))
+        raise TrainingError(f"task {task.name!r}: reward function {name} raised on {failures['failing_rewards']} "
+                            f"consecutive steps ({error}); stopped at step {step}")
+    all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
+    advantage = advantages(all_rewards, group, config.baseline).view(accelerator.num_processes, -1)
+    return all_rewards, advantage[accelerator.process_index], per_func
+
+
+def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple[dict, float | None, float, float]:
+    """REINFORCE + β·KL on the policy's parameters, in micro-batches of whole groups; each group's prompt runs once
+    (shared prefix). Returns the step's loss, KL and entropy, the sampler gap, the gradient norm and the time."""
+    config, accelerator, policy, forward = run.config, run.accelerator, run.policy, run.forward
+    start = time.perf_counter()
+    group = config.generations_per_prompt
+    # One completion width on every rank: ZeRO-3 gathers weights in each forward and head chunk, so the ranks must
+    # run as many.
+    width = accelerator.reduce(torch.tensor(max(len(c.ids) for c in completions), device=accelerator.device),
+                               "max").item()
+    batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
+                             run.tokenizer.pad_token_id, width).to(accelerator.device)
+    shared = group if forward.shared_prefix else 1
+    # Normalised by the whole step's counts, so the ranks' gradients add up to the single-process one.
+    total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
+    sequences = config.prompts_per_step * group
+    engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
+    sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
+    sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
+    rows_per_micro = max(shared, config.micro_batch_size // shared * shared)
+    run.update_tokens = update_tokens(batch, shared)
+    with policy.step(run.update_tokens, run.update.gradients_at_step_end):
+        for first in range(0, len(batch), rows_per_micro):
+            micro = batch[first:first + rows_per_micro]
+            micro_adv = advantage[first:first + rows_per_micro].to(accelerator.device)
+            mask = micro.completion_mask
+            features = completion_features(run.update.module, run.model, micro, shared, forward.hidden)
+            reference = None
+            if config.kl_coef > 0:  # the same forward as π_ref
+                with torch.no_grad(), policy.reference():
+                    reference = completion_features(run.update.module, run.model, micro, shared, forward.hidden)
+            full = reference if config.kl_estimator == "full" else None
+            logp, token_entropy, *full_kl = token_stats(features, micro.completion_ids, config.temperature,
+                                                        forward.head, config.logit_chunk_tokens, full)
+            per_token = policy_loss(logp, logp.detach(), micro_adv)
+            if engine_logp is not None:  # the sampler's own log-probs: a stale or wrong engine shows here
+                sampled = engine_logp[first:first + rows_per_micro].to(accelerator.device)
+                sampler_gap = torch.maximum(sampler_gap, ((logp.detach() - sampled).abs() * mask).max())
+                if config.engine_ratio_cap > 0:  # off-policy samples: top-p truncation, sampler numerics
+                    ratio = torch.exp(logp.detach() - sampled).clamp(max=config.engine_ratio_cap)
+                    per_token = per_token * ratio
+            loss = aggregate(per_token, mask, config.loss_aggregation, total_tokens, sequences)
+            kl = torch.zeros_like(logp)
+            if config.kl_coef > 0:  # β · KL(π‖π_ref) of the step's completions, per completion token
+                with torch.no_grad():
+                    ref_logp, _ = token_stats(reference, micro.completion_ids, config.temperature,
+                                              forward.head, config.logit_chunk_tokens)
+                kl, surrogate = kl_penalty(logp, ref_logp, mask, config.kl_estimator, *full_kl)
+                loss = loss + config.kl_coef * surrogate.sum() / total_tokens
+            run.update.backward(loss, last=first + rows_per_micro >= len(batch))
+            with torch.no_grad():
+                sums += torch.stack([loss.detach(), kl.sum() / total_tokens,
+                                     (token_entropy * mask).sum() / total_tokens])
+    sums = dict(zip(("loss", "kl", "entropy"), accelerator.reduce(sums, "sum").tolist(), strict=True))
+    gap = accelerator.gather(sampler_gap).max().item() if engine_logp is not None else None
+    # All ranks' gradient, clipped; not applied when it or the loss is not finite.
+    grad_norm = run.update.step(loss_finite=math.isfinite(sums["loss"]))
+    return sums, gap, grad_norm, time.perf_counter() - start
+
+
+def check_step(run: Run, step: int, grad_norm: float, failures: dict) -> None:
+    """A skipped fp16 overflow is logged; too many non-finite steps in a row stop the run."""
+    if run.update.overflowed:  # fp16: the loss scale was too high for this step's gradient
+        log.info("step %d: fp16 gradient overflow; update skipped, loss scale now %g", step, run.update.scale)
+    elif not math.isfinite(grad_norm):
+        failures["bad_steps"] += 1
+        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, failures["bad_steps"])
+        if failures["bad_steps"] >= run.config.max_bad_steps:
+            raise TrainingError(f"{failures['bad_steps']} consecutive non-finite losses or gradients; stopped at "
+                                f"step {step}, last checkpoint kept in {run.output_dir / 'checkpoints'}")
+    else:
+        failures["bad_steps"] = 0
+
+
+def step_record(run: Run, step: int, rewards: torch.Tensor, per_func: dict, sums: dict, grad_norm: float,
+                sampler_gap: float | None, completions: list, times: dict) -> dict:
+    accelerator = run.accelerator
+    params = run.policy.parameters()
+    checksum = accelerator.gather(torch.cat([p.detach().double().flatten() for p in params]).sum()[None])
+    generated = sum(len(c.ids) for c in completions)
+    all_per_func = {name: sum((part[name] for part in gather_object([per_func])), []) for name in per_func}
+    return {
+        "step": step, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+        **{f"reward/{name}": mean_of(values) for name, values in all_per_func.items()},
+        **sums, "grad_norm": grad_norm, **run.policy.metrics(),
+        "completion_len": generated / len(completions), "lr": run.update.lr(), "loss_scale": run.update.scale,
+        "update_tokens": accelerator.reduce(torch.tensor(run.update_tokens, device=accelerator.device),
+                                            "sum").item(),
+        **times, "rollout_tok_s": generated / max(times["rollout_s"], 1e-9),
+        "param_rank_spread": (checksum.max() - checksum.min()).item(),  # 0 unless the ranks' parameters diverged
+        **({} if sampler_gap is None else {"sampler_logp_gap": sampler_gap}),
+    }
+
+
+def validate(run: Run, step: int, console) -> None:
+    """Score the validation split; keep the best policy's artefact."""
+    result = evaluate(run.task, run.validation_rows, run.tokenizer, run.engine, run.config, run.accelerator)
+    run.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+    main = run.accelerator.is_main_process
+    if main:
+        console.print(f"step {step}: validation accuracy {format_accuracy(result)}")
+    if result["accuracy"] > run.state.best_accuracy:
+        run.state.best_accuracy = result["accuracy"]
         if main:
-            append_metrics(metrics_path, record)
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            run.policy.save(run.artefact(best=True), run.record, {"validation_accuracy": result["accuracy"]})
+    if main:
+        plot_curve(read_metrics(run.output_dir / "metrics.jsonl"), run.output_dir / "curve.png")
 
-    if state.step == 0:  # z = 1 still: the policy is the base model
-        state.base_test = evaluate(task, test_rows, tokenizer, engine, config, accelerator)
-        log_metrics({"step": 0, **{f"base_test/{k}": v for k, v in state.base_test.items()}})
-        report(accelerator, "base model, test", state.base_test)
-        if config.base_eval_max_new_tokens > config.max_new_tokens:  # how much is skill, not brevity
-            generous = evaluate(task, test_rows, tokenizer, engine, config, accelerator,
-                                config.base_eval_max_new_tokens)
-            state.base_test["accuracy_generous"] = generous["accuracy"]
-            log_metrics({"step": 0, **{f"base_test_{config.base_eval_max_new_tokens}_tokens/{k}": v
-                                       for k, v in generous.items()}})
-            report(accelerator, f"base model, test, {config.base_eval_max_new_tokens} new tokens", generous)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.description}"), disable=not (config.progress and main))
-    bad_steps = failing_rewards = 0
-    with bar:
-        job = bar.add_task("", total=config.steps, completed=state.step)
-        while state.step < config.steps:
-            step = state.step + 1
-            # 1. Sample the step's prompts (the same on every rank); each rank rolls out G completions of its share.
-            rows = random.Random(config.seed * 1_000_003 + step).sample(train_rows, config.prompts_per_step)
-            rows = rows[rank::world]
-            conversations = [task.prompt(row) for row in rows]
-            prompts = [chat_ids(tokenizer, messages) for messages in conversations]
-            start = time.perf_counter()
-            seeds = [hash((config.seed, step, i)) % 2**31 for i in range(config.prompts_per_step)][rank::world]
-            completions = engine.generate(prompts, Sampling(config.generations_per_prompt, config.temperature,
-                                                            config.top_p, config.max_new_tokens,
-                                                            seeds if config.seeded_rollouts else None))
-            rollout_time = time.perf_counter() - start
-
-            # 2. Score them and turn rewards into advantages.
-            group = config.generations_per_prompt
-            repeated = [row for row in rows for _ in range(group)]
-            columns = {key: [row[key] for row in repeated] for key in rows[0] if key != "prompt"}
-            messages = [m for m in conversations for _ in range(group)]
-            texts = [as_completion(m, c.text) for m, c in zip(messages, completions, strict=True)]
-            rewards, per_func, reward_errors = score_completions(
-                reward_funcs, weights, messages, texts, {**columns, "completion_ids": [c.ids for c in completions]},
-                task.name)
-            failing_rewards = failing_rewards + 1 if reward_errors else 0
-            if failing_rewards >= config.max_bad_steps:
-                name, error = next(iter(reward_errors.items()))
-                raise TrainingError(f"task {task.name!r}: reward function {name} raised on {failing_rewards} "
-                                    f"consecutive steps ({error}); stopped at step {step}")
-            all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()  # whole groups per rank
-            advantage = advantages(all_rewards, group, config.baseline).view(world, -1)[rank]
-
-            # 3. REINFORCE + KL on z, in micro-batches of whole groups; each group's prompt runs once (shared
-            # prefix), and composing layers share the rollouts' W' for the whole step.
-            start = time.perf_counter()
-            # One completion width on every rank: ZeRO-3 gathers weights in each forward and head chunk, so the
-            # ranks must run as many.
-            width = accelerator.reduce(torch.tensor(max(len(c.ids) for c in completions), device=accelerator.device),
-                                       "max").item()
-            batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
-                                     tokenizer.pad_token_id, width).to(accelerator.device)
-            shared = group if forward.shared_prefix else 1
-            # Normalised by the whole step's counts, so the ranks' gradients add up to the single-process one.
-            total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
-            sequences = config.prompts_per_step * group
-            engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
-            sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
-            sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
-            rows_per_micro = max(shared, config.micro_batch_size // shared * shared)
-            with policy_step(model, update_tokens(batch, shared), update.compose_once_per_step):
-                for first in range(0, len(batch), rows_per_micro):
-                    micro = batch[first:first + rows_per_micro]
-                    micro_adv = advantage[first:first + rows_per_micro].to(accelerator.device)
-                    mask = micro.completion_mask
-                    features = completion_features(policy, model, micro, shared, forward.hidden)
-                    reference = None
-                    if config.kl_coef > 0:  # the same forward at z = 1
-                        with torch.no_grad(), reference_mode(model):
-                            reference = completion_features(policy, model, micro, shared, forward.hidden)
-                    full = reference if config.kl_estimator == "full" else None
-                    logp, token_entropy, *full_kl = token_stats(features, micro.completion_ids, config.temperature,
-                                                                forward.head, config.logit_chunk_tokens, full)
-                    per_token = policy_loss(logp, logp.detach(), micro_adv)
-                    if engine_logp is not None:  # the sampler's own log-probs: a stale or wrong engine shows here
-                        sampled = engine_logp[first:first + rows_per_micro].to(accelerator.device)
-                        sampler_gap = torch.maximum(sampler_gap, ((logp.detach() - sampled).abs() * mask).max())
-                        if config.engine_ratio_cap > 0:  # off-policy samples: top-p truncation, sampler numerics
-                            ratio = torch.exp(logp.detach() - sampled).clamp(max=config.engine_ratio_cap)
-                            per_token = per_token * ratio
-                    loss = aggregate(per_token, mask, config.loss_aggregation, total_tokens, sequences)
-                    kl = torch.zeros_like(logp)
-                    if config.kl_coef > 0:  # β · KL(π‖π_ref) of the step's completions, per completion token
-                        with torch.no_grad():
-                            ref_logp, _ = token_stats(reference, micro.completion_ids, config.temperature,
-                                                      forward.head, config.logit_chunk_tokens)
-                        kl, surrogate = kl_penalty(logp, ref_logp, mask, config.kl_estimator, *full_kl)
-                        loss = loss + config.kl_coef * surrogate.sum() / total_tokens
-                    update.backward(loss, last=first + rows_per_micro >= len(batch))
-                    with torch.no_grad():
-                        sums += torch.stack([loss.detach(), kl.sum() / total_tokens,
-                                             (token_entropy * mask).sum() / total_tokens])
-            sums = dict(zip(("loss", "kl", "entropy"), accelerator.reduce(sums, "sum").tolist(), strict=True))
-            sampler_gap = accelerator.gather(sampler_gap).max().item() if engine_logp is not None else None
-            # All ranks' gradient, clipped; not applied when it or the loss is not finite.
-            grad_norm = update.step(loss_finite=math.isfinite(sums["loss"]))
-            if update.overflowed:  # fp16: the loss scale was too high for this step's gradient
-                log.info("step %d: fp16 gradient overflow; update skipped, loss scale now %g", step, update.scale)
-            elif not math.isfinite(grad_norm):
-                bad_steps += 1
-                log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, bad_steps)
-                if bad_steps >= config.max_bad_steps:
-                    raise TrainingError(f"{bad_steps} consecutive non-finite losses or gradients; stopped at step "
-                                        f"{step}, last checkpoint kept in {output_dir / 'checkpoints'}")
-            else:
-                bad_steps = 0
-            update_time = time.perf_counter() - start
-            start = time.perf_counter()
-            engine.update_weights()
-            sync_time = time.perf_counter() - start
-            state.step = step
-
-            # 4. Log what happened.
-            deviation = torch.cat([(z.detach() - 1).abs() for z in z_params])
-            checksum = accelerator.gather(torch.cat([z.detach().double().flatten() for z in z_params]).sum()[None])
-            generated = sum(len(c.ids) for c in completions)
-            all_per_func = {name: sum((part[name] for part in gather_object([per_func])), []) for name in per_func}
-            record = {
-                "step": step, "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-                **{f"reward/{name}": mean_of(values) for name, values in all_per_func.items()},
-                **{k: v for k, v in sums.items()}, "grad_norm": grad_norm,
-                "z_dev_mean": deviation.mean().item(), "z_dev_max": deviation.max().item(),
-                "completion_len": generated / len(completions), "lr": update.lr(), "loss_scale": update.scale,
-                "update_tokens": accelerator.reduce(torch.tensor(update_tokens(batch, shared),
-                                                                 device=accelerator.device), "sum").item(),
-                "rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time,
-                "rollout_tok_s": generated / max(rollout_time, 1e-9),
-                "z_rank_spread": (checksum.max() - checksum.min()).item(),  # 0 unless the ranks' z diverged
-                **({} if sampler_gap is None else {"sampler_logp_gap": sampler_gap}),
-            }
-            log_metrics(record)
-            bar.update(job, advance=1, description=f"reward {record['reward']:.3f}  kl {record['kl']:.2e}  "
-                                                   f"|z-1| {record['z_dev_mean']:.1e}")
-
-            # 5. Evaluate, keep the best expert, checkpoint.
-            if step % config.eval_every == 0 or step == config.steps:
-                result = evaluate(task, validation_rows, tokenizer, engine, config, accelerator)
-                log_metrics({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
-                if main:
-                    bar.console.print(f"step {step}: validation accuracy {format_accuracy(result)}")
-                if result["accuracy"] > state.best_accuracy:
-                    state.best_accuracy = result["accuracy"]
-                    if main:
-                        save_expert(make_expert({"validation_accuracy": result["accuracy"]}), best_path)
-                if main:
-                    plot_curve(read_metrics(metrics_path), output_dir / "curve.png")
-            if step % config.save_every == 0 or step == config.steps:
-                save_checkpoint(accelerator, output_dir, step, update.checkpoint_kwargs)
-
-    # Final: the best expert on validation, scored on the test split.
+def finish(run: Run) -> Path:
+    """The best policy on validation, scored on the test split and saved beside the base model's score."""
+    accelerator, state = run.accelerator, run.state
     accelerator.wait_for_everyone()
-    if best_path.exists():
-        apply_expert(model, load_expert(best_path), fingerprint)
-        engine.update_weights()
-    final_test = evaluate(task, test_rows, tokenizer, engine, config, accelerator)
-    log_metrics({"step": state.step, **{f"test/{k}": v for k, v in final_test.items()}})
+    best = run.artefact(best=True)
+    if best.exists():
+        run.policy.load(best, run.record["fingerprint"])
+        run.engine.update_weights()
+    final_test = evaluate(run.task, run.test_rows, run.tokenizer, run.engine, run.config, accelerator)
+    run.log({"step": state.step, **{f"test/{k}": v for k, v in final_test.items()}})
     scores = {"validation_accuracy": state.best_accuracy, "test_accuracy": final_test["accuracy"],
               "test_n": final_test["n"]}
     if state.base_test:
         scores["base_test_accuracy"] = state.base_test["accuracy"]
         if "accuracy_generous" in state.base_test:
-            generous = f"base_test_accuracy_{config.base_eval_max_new_tokens}_tokens"
+            generous = f"base_test_accuracy_{run.config.base_eval_max_new_tokens}_tokens"
             scores[generous] = state.base_test["accuracy_generous"]
-    expert_path = output_dir / "expert.safetensors"
-    if main:
-        save_expert(make_expert(scores), expert_path)
-        plot_curve(read_metrics(metrics_path), output_dir / "curve.png")
+    path = run.artefact()
+    if accelerator.is_main_process:
+        run.policy.save(path, run.record, scores)
+        plot_curve(read_metrics(run.output_dir / "metrics.jsonl"), run.output_dir / "curve.png")
     if state.base_test:
         report(accelerator, "base model, test", state.base_test)
-    report(accelerator, "expert, test", final_test)
-    accelerator.print(f"expert written to {expert_path}")
+    report(accelerator, f"{path.stem}, test", final_test)
+    accelerator.print(f"{path.stem} written to {path}")
     accelerator.end_training()
-    return expert_path
+    return path
 
 
 def check_resumable(previous: dict, config: TrainConfig, task_name: str, output_dir: Path) -> None:
     """Refuse to continue checkpoints of another run (base model, targets or task), before the model loads."""
     if not previous:
         return
-    mine = {"base_model": config.model, "targets": config.targets, "task": task_name, "task_args": config.task_args}
+    mine = {"base_model": config.model, "targets": config.targets, "task": task_name, "task_args": config.task_args,
+            "policy": config.policy}
     for key, value in mine.items():
         if key in previous and previous[key] != value:
             raise TrainingError(f"{output_dir} holds checkpoints of a run with {key}={previous[key]!r}, not "
@@ -386,23 +458,17 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
                        kwargs_handlers=handlers)
 
 
-def make_engine(config: TrainConfig, model, tokenizer, accelerator: Accelerator, fingerprints: dict[str, str]):
-    if config.engine == "vllm":
-        if any(layer.sharded for layer in svf_layers(model).values()):
-            raise TrainingError("engine=vllm is not supported with DeepSpeed ZeRO-3 yet (it would gather every "
-                                "layer to compose W'); use ZeRO-2, DDP or engine=hf")
-        from .vllm_engine import VLLMEngine
+def make_engine(config: TrainConfig, model, tokenizer, policy, accelerator: Accelerator,
+                fingerprints: dict[str, str]):
+    from .engine import make_engine as engine_for
 
-        return VLLMEngine(model, tokenizer, resolve_model_path(config.model), seed=config.seed,
-                          gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                          max_model_len=config.vllm_max_model_len)
-    if config.engine == "vllm_server":
-        from .vllm_engine import VLLMServerEngine
-
-        return VLLMServerEngine(model, tokenizer, config.vllm_server_urls, config.vllm_server_timeout,
-                                main=accelerator.is_main_process, wait=accelerator.wait_for_everyone,
-                                fingerprints=fingerprints)
-    return HFEngine(model, tokenizer)
+    if config.engine == "vllm" and policy.sharded:
+        raise TrainingError("engine=vllm is not supported with DeepSpeed ZeRO-3 yet (it would gather every adapted "
+                            "layer to build its weight); use ZeRO-2, DDP or engine=hf")
+    return engine_for(config.engine, model, tokenizer, policy, model_path=resolve_model_path(config.model),
+                      seed=config.seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                      max_model_len=config.vllm_max_model_len, urls=config.vllm_server_urls,
+                      timeout=config.vllm_server_timeout, accelerator=accelerator, fingerprints=fingerprints)
 
 
 def pad_logprobs(logprobs: list[list[float] | None], width: int) -> torch.Tensor | None:

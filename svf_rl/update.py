@@ -1,4 +1,5 @@
-"""How a step's loss becomes an update of z: plain torch (any number of ranks), or DeepSpeed ZeRO 1-3.
+"""How a step's loss becomes an update of the policy's parameters: plain torch (any number of ranks), or
+DeepSpeed ZeRO 1-3.
 
 Both give every rank the gradient of the whole step's loss (the loop normalises the loss by the step's
 global counts, so the ranks' gradients add up), clip it to `max_grad_norm`, skip the update when it is
@@ -17,11 +18,10 @@ from accelerate.utils import DistributedType
 
 from .config import TrainConfig
 from .memory import ZERO3_LIVE_PARAMETERS
-from .svf import svf_layers
 
 
 class UpdateError(ValueError):
-    """The distributed set-up cannot train z; the message says why in one line."""
+    """The distributed set-up cannot train the policy; the message says why in one line."""
 
 
 def lr_lambda(config: TrainConfig):
@@ -38,13 +38,13 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-def make_update(accelerator: Accelerator, model, config: TrainConfig):
+def make_update(accelerator: Accelerator, model, policy, config: TrainConfig):
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return DeepSpeedUpdate(accelerator, model, config)
+        return DeepSpeedUpdate(accelerator, model, policy, config)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise UpdateError(f"launched with DeepSpeed, but accelerate chose {accelerator.distributed_type.value} "
                           f"(ACCELERATE_USE_CPU=1 or --cpu turns DeepSpeed off; leave them out, it runs on CPU)")
-    return TorchUpdate(accelerator, model, config)
+    return TorchUpdate(accelerator, model, policy, config)
 
 
 @contextlib.contextmanager
@@ -62,31 +62,35 @@ def whole_matrices(accelerator: Accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # generate() then keeps ZeRO-3 ranks in step
 
 
-class DecayTowardsOne:
-    """Decoupled weight decay towards 1, the base model (decaying z towards 0 would shrink every singular
-    value): z ← 1 + (z − 1)(1 − lr·weight_decay) before each step, as AdamW does towards 0. It acts on the
-    optimiser's own parameter groups, so it also reaches DeepSpeed's flat fp32 partitions of z."""
+class DecayTowardsBase:
+    """Decoupled weight decay towards the base model, not towards 0: each group's parameters are pulled towards
+    its `centre` (SVF's z towards 1, which decaying to 0 would shrink every singular value; LoRA's A and B towards
+    0), p ← c + (p − c)(1 − lr·weight_decay) before each step, as AdamW does towards 0. It acts on the
+    optimiser's own parameter groups, so it also reaches DeepSpeed's flat fp32 partitions."""
 
-    def __init__(self, params, weight_decay: float = 0.0, **kwargs):
-        super().__init__(params, weight_decay=0.0, **kwargs)
-        for group in self.param_groups:
-            group["decay_towards_one"] = weight_decay
+    def __init__(self, params, weight_decay: float = 0.0, centre: float = 0.0, **kwargs):
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        for group in groups:
+            group["decay_towards_base"] = group.pop("weight_decay", weight_decay)
+            group.setdefault("centre", centre)
+        super().__init__(groups, weight_decay=0.0, **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            rate = group["lr"] * group["decay_towards_one"]
+            rate = group["lr"] * group["decay_towards_base"]
             if rate:
                 for p in group["params"]:
-                    p.sub_(p - 1, alpha=rate)
+                    p.sub_(p - group["centre"], alpha=rate)
         return super().step(closure)
 
 
-class AdamWTowardsOne(DecayTowardsOne, torch.optim.AdamW):
+class AdamWTowardsBase(DecayTowardsBase, torch.optim.AdamW):
     pass
 
 
-class SGDTowardsOne(DecayTowardsOne, torch.optim.SGD):
+class SGDTowardsBase(DecayTowardsBase, torch.optim.SGD):
     pass
 
 
@@ -99,18 +103,16 @@ def zero_settings(accelerator: Accelerator) -> tuple[int | None, int]:
     return int(zero.get("stage", 0)), int(live) if str(live).isdigit() else ZERO3_LIVE_PARAMETERS
 
 
-def _optimizer(model, config: TrainConfig):
-    """The optimiser on z, and its lr schedule. The schedule is not given to accelerate: its wrapper steps it
-    once per process per step (it assumes each process saw a share of a larger batch), so with 2 processes a
-    10-step linear decay would end at step 5. The loop steps it once per applied update; it is checkpointed as
-    a custom object (`scheduler`)."""
-    z_params = [layer.z for layer in svf_layers(model).values()]
+def _optimizer(policy, config: TrainConfig):
+    """The optimiser on the policy's parameters, and its lr schedule. The schedule is not given to accelerate: its
+    wrapper steps it once per process per step (it assumes each process saw a share of a larger batch), so with 2
+    processes a 10-step linear decay would end at step 5. The loop steps it once per applied update; it is
+    checkpointed as a custom object (`scheduler`)."""
     if config.optimizer == "sgd":  # its step is linear in the gradient: the equality tests' bound rests on that
-        optimizer = SGDTowardsOne(z_params, lr=config.lr, momentum=config.momentum,
-                                  weight_decay=config.weight_decay)
+        optimizer = policy.optimizer(SGDTowardsBase, config.lr, config.weight_decay, momentum=config.momentum)
     else:
-        optimizer = AdamWTowardsOne(z_params, lr=config.lr, weight_decay=config.weight_decay)
-    return z_params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        optimizer = policy.optimizer(AdamWTowardsBase, config.lr, config.weight_decay)
+    return policy.parameters(), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
 
 INITIAL_LOSS_SCALE = 2.0 ** 12
@@ -125,19 +127,20 @@ def check_precision(accelerator: Accelerator) -> None:
 
 
 class TorchUpdate:
-    """z's gradient is summed over ranks in one flat all-reduce (a few hundred KB), clipped, and the optimiser
-    steps.
+    """The trainable parameters' gradient is summed over ranks in one flat all-reduce (kilobytes to megabytes),
+    clipped, and the optimiser steps.
 
-    No DDP wrapper: W' is composed once per step and ∂L/∂W' reaches z at the end of `policy_step`,
-    which DDP's gradient hooks would not see.
+    No DDP wrapper: a policy may deliver its gradient at the end of the step (SVF composes W' once per step and
+    ∂L/∂W' reaches z when the step's scope closes), which DDP's gradient hooks would not see.
     """
 
-    compose_once_per_step = True
+    gradients_at_step_end = True
 
-    def __init__(self, accelerator: Accelerator, model, config: TrainConfig):
+    def __init__(self, accelerator: Accelerator, model, policy, config: TrainConfig):
         self.accelerator, self.max_grad_norm, self.module = accelerator, config.max_grad_norm, model
         self.checkpoint_kwargs, self.load_kwargs = {}, {}
-        self.z_params, optimizer, self.scheduler = _optimizer(model, config)
+        self.after_step = policy.after_step
+        self.params, optimizer, self.scheduler = _optimizer(policy, config)
         self.optimizer = accelerator.prepare(optimizer)
         # fp16 activations: their gradients underflow unless the loss is scaled (dynamically: halved on overflow).
         fp16 = any(p.dtype == torch.float16 for p in model.parameters())
@@ -159,12 +162,15 @@ class TorchUpdate:
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")
         if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(torch.cat([z.grad.flatten() for z in self.z_params]), "sum")
-            for z, grad in zip(self.z_params, flat.split([z.numel() for z in self.z_params]), strict=True):
-                z.grad.copy_(grad.view_as(z))
+            for p in self.params:  # a parameter this rank's forwards did not reach still takes part
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in self.params]), "sum")
+            for p, grad in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
+                p.grad.copy_(grad.view_as(p))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.z_params, self.max_grad_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).item()
         if self.scaler is not None:
             self.overflowed = not math.isfinite(norm) and self.scaler.get_scale() > 1
             self.scaler.step(self.optimizer)  # skipped when the unscaled gradient is not finite
@@ -175,6 +181,7 @@ class TorchUpdate:
             self.optimizer.step()
         if math.isfinite(norm):
             self.scheduler.step()
+            self.after_step(self.scheduler.last_epoch)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -188,33 +195,37 @@ class TorchUpdate:
 
 
 class DeepSpeedUpdate:
-    """DeepSpeed's engine owns z's gradient: it reduces and partitions it (ZeRO-1/2), clips and steps.
+    """DeepSpeed's engine owns the trainable parameters' gradient: it reduces and partitions it (ZeRO-1/2),
+    clips and steps.
 
-    ZeRO-3 also shards the frozen U, s, Vᵀ (parameters for that reason) and gathers them layer by layer
-    inside forwards; the layers then compute W' in each forward instead of caching it, and z stays whole
-    on every rank (below the persistence threshold), so reading and logging it needs no gather.
+    ZeRO-3 also shards the frozen weights (SVF's U, s, Vᵀ are parameters for that reason) and gathers them
+    layer by layer inside forwards; SVF layers then compute W' in each forward instead of caching it. The
+    trainable parameters stay whole on every rank (below the persistence threshold), so reading and logging
+    them needs no gather.
     """
 
-    compose_once_per_step = False  # z's gradient must arrive inside the engine's backward
+    gradients_at_step_end = False  # the gradient must arrive inside the engine's backward
 
-    def __init__(self, accelerator: Accelerator, model, config: TrainConfig):
+    def __init__(self, accelerator: Accelerator, model, policy, config: TrainConfig):
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         for precision in ("bf16", "fp16"):
             if ds_config.get(precision, {}).get("enabled") in (True, "true"):
                 raise UpdateError(f"DeepSpeed {precision} would store z in 16 bits, where its updates (about "
                                   f"1e-3) round away; use mixed_precision: no (the factors keep the model's dtype)")
-        z_params, optimizer, self.scheduler = _optimizer(model, config)
+        if getattr(policy, "whole_gradients", False):
+            raise UpdateError(f"policy {policy.name} reads each parameter's whole gradient after the step, which "
+                              f"DeepSpeed's ZeRO partitions; train it without DeepSpeed (one process or DDP)")
+        params, optimizer, self.scheduler = _optimizer(policy, config)
         # The loop accumulates micro-batches itself and marks the last one; DeepSpeed must not rescale.
-        # torch's AdamW/SGD with decay towards 1 (a subclass, which DeepSpeed calls untested): its flat fp32
-        # partitions hold only z.
+        # torch's AdamW/SGD with decay towards the base (a subclass, which DeepSpeed calls untested): its flat
+        # fp32 partitions hold only the trainable parameters.
         ds_config.update(train_micro_batch_size_per_gpu=config.micro_batch_size, gradient_accumulation_steps=1,
                          gradient_clipping=config.max_grad_norm, zero_allow_untested_optimizer=True)
         zero = ds_config.setdefault("zero_optimization", {})
         stage3 = int(zero.get("stage", 0)) == 3
         if stage3:
-            zero["stage3_param_persistence_threshold"] = max(z.numel() for z in z_params)
-            for layer in svf_layers(model).values():
-                layer.sharded = True
+            zero["stage3_param_persistence_threshold"] = max(p.numel() for p in params)
+            policy.shard()
         self.engine, self.optimizer = accelerator.prepare(model, optimizer)
         self.checkpointed = [self.scheduler]
         self.module = self.engine  # training forwards go through the engine: it counts micro-batches there
@@ -224,7 +235,7 @@ class DeepSpeedUpdate:
             print(f"ZeRO-3: each rank holds {100 * held:.0f}% of the model's parameters (factors included)")
         self.world = accelerator.num_processes
         self.overflowed, self.scale = False, 1.0
-        # Only z is saved: the frozen factors are the base model's, and rebuilt from its SVD on resume.
+        # Only the trainable parameters are saved: the frozen ones are the base model's, rebuilt on resume.
         self.checkpoint_kwargs = {"exclude_frozen_parameters": True}
         self.load_kwargs = {"load_module_strict": False}
 

@@ -1,7 +1,8 @@
-"""vLLM colocated in the trainer process: fast sampling, and W' of the targeted layers pushed after each step.
+"""vLLM colocated in the trainer process (fast sampling, the adapted layers' weights pushed after each step), or
+vLLM servers of their own (only the policy's trainable state is sent; the servers build the weights).
 
-Only the SVF layers' composed weights are sent, by their Hugging Face names; vLLM's own weight loader
-fuses them (qkv, gate_up) and repacks them for its kernels, so nothing here is model-specific.
+Only the adapted layers' weights are loaded, by their Hugging Face names; vLLM's own weight loader fuses them
+(qkv, gate_up) and repacks them for its kernels, so nothing here is model-specific.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import numpy as np
 import torch
 
 from .engine import Completion, Sampling
-from .svf import svf_layers, z_vectors
-from .vllm_worker import encode_z
+from .vllm_worker import encode_tensors
 
 
 def _rng_state():
@@ -31,8 +31,9 @@ def _set_rng_state(state) -> None:
 
 
 class VLLMEngine:
-    def __init__(self, model, tokenizer, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.3,
+    def __init__(self, model, tokenizer, model_path: str, weights, seed: int = 0, gpu_memory_utilization: float = 0.3,
                  max_model_len: int = 2048):
+        """`weights()`: (Hugging Face name, weight) of every adapted matrix, at the policy's current parameters."""
         # In-process engine: weights can then be handed over as tensors, with no serialisation.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # vLLM pins threads itself
@@ -40,7 +41,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # each push would list every weight not pushed
         from vllm import LLM
 
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.weights = model, tokenizer, weights
         cpu = model.device.type == "cpu"
         state = _rng_state()  # vLLM seeds the global RNGs; the trainer's sampling must not change because of it
         threads = torch.get_num_threads()
@@ -56,9 +57,8 @@ class VLLMEngine:
         self.update_weights()
 
     def update_weights(self) -> None:
-        """Push W'(z) of every SVF layer; vLLM fuses, repacks and replaces its copies in place."""
-        weights = [(f"{name}.weight", layer.weight_for_inference()) for name, layer in svf_layers(self.model).items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+        """Push every adapted layer's weight; vLLM fuses, repacks and replaces its copies in place."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(self.weights())),
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
@@ -89,14 +89,15 @@ class VLLMServerEngine:
     """Rollouts on vLLM servers of their own (launch/vllm_server.sh), on GPUs the trainer does not use.
 
     Prompts go out through TRL's VLLMClient, spread over the servers (data parallel; each server may itself be
-    tensor parallel). After each step the main process sends z alone, and every server worker composes W'
-    from the U, s, Vᵀ it holds (svf_rl.vllm_worker); the other ranks wait until the new weights are in.
+    tensor parallel). After each step the main process sends the policy's trainable state alone (SVF's z, an
+    adapter's parameters), and every server worker builds the adapted weights from the base weights it holds
+    (svf_rl.vllm_worker); the other ranks wait until the new weights are in.
     """
 
-    def __init__(self, model, tokenizer, urls: list[str], timeout: float = 300.0, main: bool = True,
+    def __init__(self, model, tokenizer, policy, urls: list[str], timeout: float = 300.0, main: bool = True,
                  wait=lambda: None, fingerprints: dict[str, str] | None = None):
-        """`fingerprints`: weight_fingerprints of the base model, taken before apply_svf replaced its layers; the
-        servers' checkpoint weights must match them exactly."""
+        """`fingerprints`: weight_fingerprints of the base model, taken before the policy adapted it; the servers'
+        checkpoint weights must match them exactly."""
         import warnings
 
         with warnings.catch_warnings():  # TRL warns about every vLLM version it was not released with
@@ -110,19 +111,20 @@ class VLLMServerEngine:
                 except OSError:  # requests' ConnectionError
                     raise VLLMServerError(f"no vLLM server answered at {url} within {timeout:.0f} s; start one "
                                           f"with launch/vllm_server.sh") from None
-        self.model, self.tokenizer, self.main, self.wait = model, tokenizer, main, wait
-        layers = svf_layers(model)
+        self.model, self.tokenizer, self.policy, self.main, self.wait = model, tokenizer, policy, main, wait
+        setup = policy.server_setup()
+        layers = setup["names"]
         if fingerprints is None:
             logging.getLogger(__name__).warning("no base weight fingerprints given: the vLLM servers' weights are "
                                                 "not checked against the trainer's")
         for client in self.clients:
-            for worker in self._rpc(client, "svf_setup", json.dumps({"names": list(layers)})):
+            for worker in self._rpc(client, "policy_setup", json.dumps(setup)):
                 # The same base weights on both sides, or nothing will match: compared exactly, by hash.
                 wrong = [n for n in layers if fingerprints is not None and worker.get(n) != fingerprints[f"{n}.weight"]]
                 if wrong:
                     raise VLLMServerError(f"vLLM server {client.base_url} serves other weights than the trainer's "
-                                          f"model: {len(wrong)} of {len(layers)} SVF layers differ, e.g. {wrong[0]} "
-                                          f"(fingerprint {worker.get(wrong[0])} vs "
+                                          f"model: {len(wrong)} of {len(layers)} adapted layers differ, e.g. "
+                                          f"{wrong[0]} (fingerprint {worker.get(wrong[0])} vs "
                                           f"{fingerprints[f'{wrong[0]}.weight']}); serve the trainer's base model")
         self.update_weights()
 
@@ -133,7 +135,7 @@ class VLLMServerEngine:
             raise VLLMServerError(f"vLLM server {client.base_url} has no /collective_rpc; start it with "
                                   f"VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)")
         if response.status_code != 200:
-            hint = (" (start it with --worker-extension-cls svf_rl.vllm_worker.SVFWorkerExtension, as "
+            hint = (" (start it with --worker-extension-cls svf_rl.vllm_worker.PolicyWorkerExtension, as "
                     "launch/vllm_server.sh does)" if method in response.text and "attribute" in response.text
                     else "")
             raise VLLMServerError(f"vLLM server {client.base_url}: {method} failed with HTTP "
@@ -141,12 +143,13 @@ class VLLMServerEngine:
         return response.json()["results"]
 
     def update_weights(self) -> None:
-        """The main process sends z to every server; all ranks leave once the servers hold the new weights."""
+        """The main process sends the trainable state to every server; all ranks leave once the servers hold the
+        new weights."""
         if self.main:
-            payload = encode_z(z_vectors(self.model))
+            payload = encode_tensors(self.policy.server_update())
 
             def push(client):
-                self._rpc(client, "svf_load_z", payload)
+                self._rpc(client, "policy_update", payload)
                 client.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
             with ThreadPoolExecutor(len(self.clients)) as pool:

@@ -1,10 +1,12 @@
-"""A vLLM worker extension that holds U, s, Vᵀ of the SVF layers and composes W' from z on its own device.
+"""A vLLM worker extension that builds the policy's adapted weights on its own device: SVF's W' from U, s, Vᵀ and
+z, or a PEFT adapter's W + ΔW from the base weights and the adapter's parameters.
 
-Start the server with `--worker-extension-cls svf_rl.vllm_worker.SVFWorkerExtension` (and
-VLLM_SERVER_DEV_MODE=1, which opens /collective_rpc). The trainer then sends z alone after each step
-(a few hundred KB for an 8B model, instead of gigabytes of W'), and every worker, whatever the tensor-
-parallel layout, composes the full W' of each layer and hands it to vLLM's own loader, which fuses and shards.
-Arguments arrive as strings: /collective_rpc passes nothing else.
+Start the server with `--worker-extension-cls svf_rl.vllm_worker.PolicyWorkerExtension` (and
+VLLM_SERVER_DEV_MODE=1, which opens /collective_rpc). The trainer then sends the trainable state alone after
+each step (a few hundred KB of z for an 8B model, or the adapter's parameters, instead of gigabytes of
+weights), and every worker, whatever the tensor-parallel layout, builds the full weight of each layer and
+hands it to vLLM's own loader, which fuses and shards. Arguments arrive as strings: /collective_rpc passes
+nothing else.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from .svd import cached_svd, weight_fingerprint
 from .svf import compose_weight
 
 
-def encode_z(vectors: dict[str, torch.Tensor]) -> str:
-    return base64.b64encode(save_safetensors({k: v.float().contiguous() for k, v in vectors.items()})).decode()
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """fp32 for floating tensors (z, adapter parameters); others as they are."""
+    return base64.b64encode(save_safetensors({k: (v.float() if v.is_floating_point() else v).contiguous().cpu()
+                                              for k, v in tensors.items()})).decode()
 
 
-def decode_z(payload: str) -> dict[str, torch.Tensor]:
+def decode_tensors(payload: str) -> dict[str, torch.Tensor]:
     return load_safetensors(base64.b64decode(payload))
 
 
@@ -49,36 +53,84 @@ def checkpoint_tensors(model: str, names: list[str]) -> dict[str, torch.Tensor]:
     return found
 
 
-class SVFWorkerExtension:
+class PolicyWorkerExtension:
     """Mixed into vLLM's worker class; methods are reached through the server's /collective_rpc."""
 
-    def svf_setup(self, spec: str) -> dict:
-        """Load the SVD factors of the listed layers (HF module names). Returns each layer's checkpoint weight
+    def policy_setup(self, spec: str) -> dict:
+        """Hold what the policy needs to build its layers' weights: SVF's factors, or the base weights with the
+        adapter attached to them (PEFT, the trainer's own configuration). Returns each layer's checkpoint weight
         fingerprint, for the trainer to check exactly that both sides hold the same base weights."""
         spec = json.loads(spec)
         device = getattr(self, "device", torch.device("cpu"))
         dtype = self.vllm_config.model_config.dtype
         weights = checkpoint_tensors(self.vllm_config.model_config.model, [f"{n}.weight" for n in spec["names"]])
-        self.svf_factors, fingerprints = {}, {}
-        for name in spec["names"]:
-            weight = weights[f"{name}.weight"]
-            # The trainer's SVD cache: on the same machine the factors are read, not recomputed.
-            U, s, Vh = cached_svd(weight, cache_root() / "svd")
-            self.svf_factors[name] = tuple(t.to(device, dtype) for t in (U, s, Vh))
-            fingerprints[name] = weight_fingerprint(weight)  # of the weight as stored, whatever vLLM's dtype
+        fingerprints = {name: weight_fingerprint(weights[f"{name}.weight"]) for name in spec["names"]}
+        self.policy_kind, self.svf_factors, self.adapter = spec["policy"], {}, None
+        if spec["policy"] == "svf":
+            for name in spec["names"]:
+                # The trainer's SVD cache: on the same machine the factors are read, not recomputed.
+                U, s, Vh = cached_svd(weights[f"{name}.weight"], cache_root() / "svd")
+                self.svf_factors[name] = tuple(t.to(device, dtype) for t in (U, s, Vh))
+        else:
+            self.adapter = AdaptedLayers({n: weights[f"{n}.weight"].to(device, dtype) for n in spec["names"]},
+                                         spec["config"])
         return fingerprints
 
-    def svf_load_z(self, payload: str) -> dict:
-        """Compose W'(z) for every layer and reload it through vLLM's loader (which fuses qkv / gate_up)."""
-        vectors = decode_z(payload)
-        unknown = sorted(set(vectors) - set(self.svf_factors))
-        if unknown:
-            raise KeyError(f"z for {unknown[0]}, which svf_setup did not load")
+    def policy_update(self, payload: str) -> dict:
+        """Build every adapted layer's weight from the trainable state and reload it through vLLM's loader (which
+        fuses qkv / gate_up)."""
+        state = decode_tensors(payload)
+        if self.policy_kind == "svf":
+            unknown = sorted(set(state) - set(self.svf_factors))
+            if unknown:
+                raise KeyError(f"z for {unknown[0]}, which policy_setup did not load")
 
-        def weights():
-            for name, z in vectors.items():
-                U, s, Vh = self.svf_factors[name]
-                yield f"{name}.weight", compose_weight(U, s, Vh, z.to(U.device))
+            def weights():
+                for name, z in state.items():
+                    U, s, Vh = self.svf_factors[name]
+                    yield f"{name}.weight", compose_weight(U, s, Vh, z.to(U.device))
+        else:
+            weights = self.adapter.weights(state)
+        self.reload_weights(weights_iterator=iter(weights()), is_checkpoint_format=True)
+        return {"tensors": len(state), "sum": float(sum(t.double().sum() for t in state.values()))}
 
-        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
-        return {"layers": len(vectors), "z_sum": float(sum(z.double().sum() for z in vectors.values()))}
+
+class AdaptedLayers:
+    """The adapted matrices alone, each a Linear on its base weight under its Hugging Face name, with the PEFT
+    adapter attached as the trainer attached it; their weights are read off their forwards (linear_map)."""
+
+    def __init__(self, base: dict[str, torch.Tensor], config: dict):
+        import peft
+        from torch import nn
+
+        root = nn.Module()
+        for name, weight in base.items():
+            parent = root
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            parent.add_module(leaf, linear)
+        config = {**config, "task_type": None, "inference_mode": True}
+        if config.get("init_lora_weights") not in (None, True, False):
+            config["init_lora_weights"] = True  # the state arrives with every update
+        self.names = list(base)
+        self.model = peft.get_peft_model(root, peft.get_peft_config(config))
+
+    def weights(self, state: dict[str, torch.Tensor]):
+        from peft import set_peft_model_state_dict
+
+        from .policies.base import linear_map
+
+        set_peft_model_state_dict(self.model, state)
+
+        def each():
+            for name in self.names:
+                yield f"{name}.weight", linear_map(self.model.base_model.model.get_submodule(name))
+
+        return each
+
+

@@ -35,12 +35,14 @@ def z_bound(grad_norms: list[float], lr: float, max_grad_norm: float, momentum: 
     return GRADIENT_RTOL * lr * total
 
 
-def assert_same_z(got: dict, want: dict, steps: list[dict], config) -> None:
-    """`steps`: the reference run's metric records up to the compared step."""
+def assert_same_z(got: dict, want: dict, steps: list[dict], config, start: dict | None = None) -> None:
+    """`steps`: the reference run's metric records up to the compared step. The same bound holds for any policy's
+    parameters (`start`: where they began, for the check that they moved; z = 1 by default)."""
     assert config.optimizer == "sgd" and config.lr_schedule == "constant", "the bound holds for constant-lr SGD"
     assert got.keys() == want.keys()
     bound = z_bound([s["grad_norm"] for s in steps], config.lr, config.max_grad_norm, config.momentum)
-    moved = torch.cat([z.flatten() - 1 for z in want.values()]).norm().item()
+    start = start or {name: torch.ones_like(z) for name, z in want.items()}
+    moved = torch.cat([(want[name] - start[name]).flatten() for name in start]).norm().item()
     assert moved > 30 * bound, f"z moved {moved:.2e}, too little to tell a defect from the bound {bound:.2e}"
     difference = torch.cat([(got[name] - want[name]).flatten() for name in want]).norm().item()
     assert difference <= bound, f"z differs by {difference:.2e} in 2-norm; rounding allows {bound:.2e}"

@@ -73,7 +73,7 @@ def test_two_processes_match_one_process(backend, single_run, tiny_model_dir, tm
     output = launch(backend, config, port)
     run = Path(config.output_dir)
     steps, reference = step_metrics(run), step_metrics(single_run)
-    assert [s["z_rank_spread"] for s in steps] == [0.0, 0.0]  # z identical on both ranks after every step
+    assert [s["param_rank_spread"] for s in steps] == [0.0, 0.0]  # z identical on both ranks after every step
     for got, want in zip(steps, reference[:2], strict=False):  # a wrongly scaled gradient shows in its norm
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
     assert_same_z(z_at(run, 2), z_at(single_run, 2), reference[:2], config)
@@ -132,7 +132,50 @@ def test_zero3_trains_a_bf16_model_with_z_in_fp32(tiny_model_dir, tmp_path):
     """bf16 factors sharded by ZeRO-3 next to fp32 z: both ranks step together and z moves."""
     config = tiny_config(tiny_model_dir, tmp_path, steps=2, save_every=2, eval_every=2, dtype="bfloat16", **SHARED)
     launch("zero3", config, 29531)
-    assert [s["z_rank_spread"] for s in step_metrics(Path(config.output_dir))] == [0.0, 0.0]
+    assert [s["param_rank_spread"] for s in step_metrics(Path(config.output_dir))] == [0.0, 0.0]
     z = z_at(Path(config.output_dir), 2)
     assert all(v.dtype == torch.float32 for v in z.values())
     assert max((v - 1).abs().max().item() for v in z.values()) > 1e-3
+
+
+LORA = dict(COMPARED, policy="lora", lr=20.0, policy_args={"rank": 4})
+
+
+def adapter_at(run: Path, step: int) -> dict:
+    """The LoRA parameters a checkpoint holds."""
+    state = torch.load(run / "checkpoints" / f"step_{step:06d}" / "custom_checkpoint_0.pkl", weights_only=True)
+    return state["adapter"]
+
+
+def from_zero_b(adapter: dict) -> dict:
+    """Where the parameters that start at 0 began (LoRA's B), for the check that they moved."""
+    return {k: torch.zeros_like(v) for k, v in adapter.items() if "lora_B" in k}
+
+
+@pytest.fixture(scope="module")
+def single_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    config = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("single_lora"), steps=3, save_every=1,
+                         eval_every=3, **LORA)
+    train(config)
+    return Path(config.output_dir)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_processes_train_the_same_lora_as_one_process(backend, single_lora_run, tiny_model_dir, tmp_path):
+    port = 29541 + list(BACKENDS).index(backend)
+    config = tiny_config(tiny_model_dir, tmp_path / backend, steps=2, save_every=2, eval_every=2, **LORA)
+    launch(backend, config, port)
+    run = Path(config.output_dir)
+    steps, reference = step_metrics(run), step_metrics(single_lora_run)
+    assert [s["param_rank_spread"] for s in steps] == [0.0, 0.0]
+    for got, want in zip(steps, reference[:2], strict=False):
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    want = adapter_at(single_lora_run, 2)
+    got = {k: v for k, v in adapter_at(run, 2).items() if k in want}
+    assert_same_z(got, want, reference[:2], config, from_zero_b(want))
+    if backend == "zero3":  # resumed from the sharded checkpoint, it goes on where the single process went
+        resumed = tiny_config(tiny_model_dir, tmp_path / backend, steps=3, save_every=3, eval_every=3, **LORA)
+        assert re.search(r"resumed from \S+step_000002 \(step 2\)", launch(backend, resumed, port))
+        want = adapter_at(single_lora_run, 3)
+        got = adapter_at(run, 3)
+        assert_same_z(got, want, reference[:3], config, from_zero_b(want))

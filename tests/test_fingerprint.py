@@ -104,12 +104,12 @@ def test_exact_svd_passes_the_reconstruction_check(weight):
 
 
 class FakeWorker:
-    """What SVFWorkerExtension needs of vLLM's worker: its model config, and a loader that takes weights."""
+    """What PolicyWorkerExtension needs of vLLM's worker: its model config, and a loader that takes weights."""
 
     def __init__(self, model_dir, dtype=torch.bfloat16):
-        from svf_rl.vllm_worker import SVFWorkerExtension
+        from svf_rl.vllm_worker import PolicyWorkerExtension
 
-        self.extension = SVFWorkerExtension()
+        self.extension = PolicyWorkerExtension()
         self.extension.vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(model=str(model_dir),
                                                                                              dtype=dtype))
         self.extension.reload_weights = lambda weights_iterator, is_checkpoint_format: list(weights_iterator)
@@ -127,16 +127,18 @@ class FakeClient:
 
 
 def server_engine(model_dir, trainer, fingerprints, monkeypatch):
-    """A VLLMServerEngine whose one server runs SVFWorkerExtension in this process, on `model_dir`."""
+    """A VLLMServerEngine whose one server runs PolicyWorkerExtension in this process, on `model_dir`; `trainer`:
+    an attached policy."""
     from svf_rl.vllm_engine import VLLMServerEngine
 
     monkeypatch.setitem(sys.modules, "trl.generation.vllm_client", types.SimpleNamespace(VLLMClient=FakeClient))
     monkeypatch.setattr(VLLMServerEngine, "_rpc", FakeWorker(model_dir).rpc)
-    return VLLMServerEngine(trainer, None, ["http://server:8000"], fingerprints=fingerprints)
+    return VLLMServerEngine(trainer.model, None, trainer, ["http://server:8000"], fingerprints=fingerprints)
 
 
 def test_server_identity_is_checked_exactly(tmp_path, monkeypatch):
-    from svf_rl.svf import apply_svf
+    from svf_rl.config import TrainConfig
+    from svf_rl.policies import make_policy
     from svf_rl.vllm_engine import VLLMServerError
 
     monkeypatch.setenv("SVF_RL_CACHE", str(tmp_path / "cache"))
@@ -144,15 +146,16 @@ def test_server_identity_is_checked_exactly(tmp_path, monkeypatch):
     served.save_pretrained(tmp_path / "same")  # fp32 checkpoint; the trainer loads it in bf16
     trainer = LlamaForCausalLM.from_pretrained(tmp_path / "same", dtype=torch.bfloat16)
     fingerprints = weight_fingerprints(trainer)  # before apply_svf replaces the weights by factors
-    apply_svf(trainer, "mlp", progress=False)
-    server_engine(tmp_path / "same", trainer, fingerprints, monkeypatch)
+    policy = make_policy(TrainConfig())
+    policy.attach(trainer)
+    server_engine(tmp_path / "same", policy, fingerprints, monkeypatch)
 
     with torch.no_grad():  # 5% on one value: Σs moves by far less than the old 1e-3 tolerance
         served.model.layers[1].mlp.down_proj.weight[0, 0] *= 1.05
     served.save_pretrained(tmp_path / "other")
-    with pytest.raises(VLLMServerError, match=r"serves other weights .* 1 of 6 SVF layers differ, e.g. "
+    with pytest.raises(VLLMServerError, match=r"serves other weights .* 1 of 6 adapted layers differ, e.g. "
                                               r"model.layers.1.mlp.down_proj \(fingerprint") as err:
-        server_engine(tmp_path / "other", trainer, fingerprints, monkeypatch)
+        server_engine(tmp_path / "other", policy, fingerprints, monkeypatch)
     assert "\n" not in str(err.value)
 
 
@@ -161,5 +164,5 @@ def test_worker_reports_the_fingerprint_of_each_checkpoint_weight(tmp_path, monk
     model = tiny_llama()
     model.save_pretrained(tmp_path)
     names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
-    reported = FakeWorker(tmp_path).extension.svf_setup(json.dumps({"names": names}))
+    reported = FakeWorker(tmp_path).extension.policy_setup(json.dumps({"policy": "svf", "names": names}))
     assert reported == {name: weight_fingerprint(model.get_submodule(name).weight) for name in names}

@@ -12,7 +12,7 @@ from svf_rl import train as train_module
 from svf_rl import update as update_module
 from svf_rl.run_files import read_metrics
 from svf_rl.train import TrainingError, train
-from svf_rl.update import AdamWTowardsOne, SGDTowardsOne, UpdateError, check_precision
+from svf_rl.update import AdamWTowardsBase, SGDTowardsBase, UpdateError, check_precision
 from tests.same_z import EQUALITY, assert_same_z
 from tests.test_distributed import z_at
 from tests.test_train import tiny_config
@@ -22,11 +22,11 @@ def step_records(config) -> list[dict]:
     return [r for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if "reward" in r]
 
 
-@pytest.mark.parametrize("optimizer", [AdamWTowardsOne, SGDTowardsOne])
+@pytest.mark.parametrize("optimizer", [AdamWTowardsBase, SGDTowardsBase])
 def test_weight_decay_pulls_z_towards_one_not_zero(optimizer):
     z = torch.nn.Parameter(torch.tensor([1.5, 0.5, 1.0, 2.0]))
     z.grad = torch.zeros_like(z)  # no gradient: only the decay moves z
-    optimizer([z], lr=0.1, weight_decay=0.5).step()
+    optimizer([z], lr=0.1, weight_decay=0.5, centre=1.0).step()
     assert torch.allclose(z.detach(), 1 + torch.tensor([0.5, -0.5, 0.0, 1.0]) * (1 - 0.1 * 0.5))
 
 
@@ -34,14 +34,14 @@ def test_weight_decay_follows_the_lr_schedule_and_zero_decay_is_the_plain_optimi
     torch.manual_seed(0)
     grads = [torch.randn(6) for _ in range(3)]
     plain, ours = (torch.nn.Parameter(torch.linspace(0.5, 1.5, 6)) for _ in range(2))
-    adam, decayed = torch.optim.AdamW([plain], lr=0.01, weight_decay=0.0), AdamWTowardsOne([ours], lr=0.01)
+    adam, decayed = torch.optim.AdamW([plain], lr=0.01, weight_decay=0.0), AdamWTowardsBase([ours], lr=0.01, centre=1.0)
     for grad in grads:
         plain.grad, ours.grad = grad.clone(), grad.clone()
         adam.step()
         decayed.step()
     assert torch.equal(plain, ours)
     z = torch.nn.Parameter(torch.full((2,), 3.0))
-    optimizer = SGDTowardsOne([z], lr=1.0, momentum=0.0, weight_decay=0.5)
+    optimizer = SGDTowardsBase([z], lr=1.0, momentum=0.0, weight_decay=0.5, centre=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
     z.grad = torch.zeros(2)
     optimizer.step()

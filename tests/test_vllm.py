@@ -18,7 +18,7 @@ from svf_rl.base_model import cache_root, load_base_model
 from svf_rl.engine import Sampling, chat_ids
 from svf_rl.logprobs import completion_logprobs, make_token_batch
 from svf_rl.svd import weight_fingerprints
-from svf_rl.svf import apply_svf, policy_step, svf_layers
+from svf_rl.svf import apply_svf, svf_layers
 from svf_rl.train import pad_logprobs, train
 from tests.same_z import EQUALITY, assert_same_z
 from tests.test_distributed import launch, step_metrics, z_at
@@ -56,7 +56,7 @@ def vllm_server(smollm2_path, tmp_path_factory):
         os.killpg(server.pid, signal.SIGKILL)
 
 
-def make_engine(kind, model, tokenizer, model_path, request, fingerprints):
+def make_engine(kind, model, tokenizer, model_path, request, fingerprints, policy):
     if kind == "colocated":
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
@@ -64,30 +64,35 @@ def make_engine(kind, model, tokenizer, model_path, request, fingerprints):
 
         request.addfinalizer(destroy_distributed_environment)  # vLLM's process group, before train() makes its own
         request.addfinalizer(destroy_model_parallel)
-        return VLLMEngine(model, tokenizer, model_path, seed=0)
+        return VLLMEngine(model, tokenizer, model_path, policy.engine_weights, seed=0)
     from svf_rl.vllm_engine import VLLMServerEngine
 
-    return VLLMServerEngine(model, tokenizer, [request.getfixturevalue("vllm_server")], timeout=300,
+    return VLLMServerEngine(model, tokenizer, policy, [request.getfixturevalue("vllm_server")], timeout=300,
                             fingerprints=fingerprints)
 
 
 @pytest.mark.parametrize("kind", ["colocated", "server"])
-def test_weights_pushed_after_a_step_match_the_trainer(kind, smollm2_path, request):
+@pytest.mark.parametrize("policy_name", ["svf", "lora", "dora"])
+def test_weights_pushed_after_a_step_match_the_trainer(kind, policy_name, smollm2_path, request):
+    from svf_rl.config import TrainConfig
+    from svf_rl.policies import make_policy
+
     model, tokenizer = load_base_model(smollm2_path)
     fingerprints = weight_fingerprints(model)
-    apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
-    engine = make_engine(kind, model, tokenizer, smollm2_path, request, fingerprints)
+    policy = make_policy(TrainConfig(policy=policy_name, progress=False))
+    policy.attach(model)
+    engine = make_engine(kind, model, tokenizer, smollm2_path, request, fingerprints, policy)
     prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 7 * 8?", "Name a colour.")]
     sampling = Sampling(n=4, temperature=1.0, max_new_tokens=12, seeds=[1, 2])
     before = engine.generate(prompts, sampling)
     base_logp, mask = trainer_logprobs(model, before, tokenizer.pad_token_id)
     engine_base = pad_logprobs([c.logprobs for c in before], base_logp.shape[1])
-    assert ((engine_base - base_logp).abs() * mask).max().item() < 1e-3  # z = 1: vLLM is the base model
+    assert ((engine_base - base_logp).abs() * mask).max().item() < 1e-3  # not trained yet: vLLM is the base model
 
     # One REINFORCE step with a large learning rate, then push.
-    optimizer = torch.optim.Adam([layer.z for layer in svf_layers(model).values()], lr=0.02)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=0.02)
     advantage = torch.tensor([1.0, -1.0] * 4)
-    with policy_step(model, tokens=int(mask.numel())):
+    with policy.step(int(mask.numel()), True):
         logp, mask = trainer_logprobs(model, before, tokenizer.pad_token_id, grad=True)
         (-(advantage[:, None] * logp * mask).sum() / mask.sum()).backward()
     optimizer.step()
@@ -137,7 +142,7 @@ def test_one_and_two_trainer_processes_train_through_a_vllm_server(smollm2_path,
     double = server_config(smollm2_path, tmp_path / "double", vllm_server, **COMPARED)
     launch("ddp", double, 29541)
     steps = [json.loads(line) for line in (Path(double.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [s["z_rank_spread"] for s in steps if "reward" in s] == [0.0, 0.0]
+    assert [s["param_rank_spread"] for s in steps if "reward" in s] == [0.0, 0.0]
     single_z, double_z = z_at(Path(single.output_dir), 2), z_at(Path(double.output_dir), 2)
     assert_same_z(double_z, single_z, step_metrics(Path(single.output_dir)), single)
 
@@ -161,7 +166,7 @@ def test_a_missing_server_is_a_one_line_error(smollm2_path):
         url = f"http://127.0.0.1:{probe.getsockname()[1]}"
     start = time.perf_counter()
     with pytest.raises(VLLMServerError, match=f"no vLLM server answered at {url} within 2 s"):
-        VLLMServerEngine(None, None, [url], timeout=2)
+        VLLMServerEngine(None, None, None, [url], timeout=2)
     assert time.perf_counter() - start < 30
 
 
@@ -256,10 +261,11 @@ def test_a_merged_model_serves_in_vllm_without_svf_rl(smollm2_path, tmp_path):
 
 def test_colocated_vllm_generates_each_group_with_its_own_z(smollm2_path, request):
     from svf_rl.engine import generate_per_z
+    from svf_rl.evaluate import ModelWeights
 
     model, tokenizer = load_base_model(smollm2_path)
     apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
-    engine = make_engine("colocated", model, tokenizer, smollm2_path, request, None)
+    engine = make_engine("colocated", model, tokenizer, smollm2_path, request, None, ModelWeights(model))
     generator = torch.Generator().manual_seed(0)
     zs = [{n: 1 + 0.2 * torch.randn(layer.z.shape, generator=generator) for n, layer in svf_layers(model).items()}
           for _ in range(2)]
