@@ -42,6 +42,7 @@ DEEPSPEED = {
 }
 CONFIGS = {
     "smollm2-135m default (fp32)": (None, []),
+    "smollm2-135m default, policy=lora (fp32)": (None, ["policy=lora"]),
     "smollm2-135m, KL full, no kept W', checkpointing": (None, ["kl_coef=0.05", "kl_estimator=full",
                                                                "weight_cache=none", "gradient_checkpointing=true",
                                                                "logit_chunk_tokens=128"]),

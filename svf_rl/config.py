@@ -57,7 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled, towards z = 1 (the base model), not towards 0
     max_grad_norm: float = 1e-3
     micro_batch_size: int = 64  # sequences per forward/backward (whole prompt groups); gradients accumulate
-    # Memory levers (README, Memory): each trades compute for memory.
+    # Memory levers (docs/training.md, Memory): each trades compute for memory.
     shared_prefix: bool = True  # a prompt's G completions run on one forward of it (same gradient, fewer tokens)
     weight_cache: str = "all"  # svf: composed W' kept for no-grad forwards: all (W'(z), W'(1)) | policy | none
     gradient_checkpointing: bool = False  # decoder layers keep only their inputs; recomputed in backward

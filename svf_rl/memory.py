@@ -75,7 +75,7 @@ class MemoryEstimate:
 
 
 def layer_saved(shapes: Shapes, dtype: torch.dtype, layer_targets: list[tuple[str, int, int]],
-                strategy: dict[str, str], first_layer: bool) -> tuple[float, float]:
+                strategy: dict[str, str], first_layer: bool, adapter_rank: int | None = None) -> tuple[float, float]:
     """Bytes autograd saves in one decoder layer's forward toward z: (per query token, per key token).
 
     RMSNorm keeps its input in fp32 and one fp32 rsqrt per token; SDPA keeps q, the keys and values (repeated
@@ -84,6 +84,8 @@ def layer_saved(shapes: Shapes, dtype: torch.dtype, layer_targets: list[tuple[st
     fp32 Vᵀx (factored) or its input (compose; q, k and v share theirs, as gate and up do, and o_proj's is the
     attention output). Nothing upstream
     of the first layer's MLP depends on z unless its attention is targeted, so that layer keeps its MLP's only.
+    A LoRA-style adapter of rank r (`adapter_rank`) keeps its input for A's gradient (its own fp32 copy when the
+    model is in 16 bits, else the shared one) and the fp32 rank-r activation for B's.
     """
     b = torch.finfo(dtype).bits // 8
     d, f, q = shapes.hidden, shapes.intermediate, shapes.heads * shapes.head_dim
@@ -100,7 +102,12 @@ def layer_saved(shapes: Shapes, dtype: torch.dtype, layer_targets: list[tuple[st
     kept: set[str] = set()
     for name, out, inp in layer_targets:
         kind = name.rsplit(".", 1)[-1]
-        if strategy[name] == "factored":
+        if adapter_rank is not None:
+            per_query += adapter_rank * 4
+            if b < 4:
+                per_query += inp * 4
+                continue
+        elif strategy[name] == "factored":
             per_query += min(out, inp) * 4
             continue
         source, width = inputs.get(kind, ("qkv", d))
@@ -111,14 +118,16 @@ def layer_saved(shapes: Shapes, dtype: torch.dtype, layer_targets: list[tuple[st
 
 
 def saved_activations(shapes: Shapes, dtype: torch.dtype, strategy: dict[str, str],
-                      passes: list[tuple[int, int, int]], checkpointed: bool = False) -> tuple[int, int]:
+                      passes: list[tuple[int, int, int]], checkpointed: bool = False,
+                      adapter_rank: int | None = None) -> tuple[int, int]:
     """Bytes autograd keeps over the forwards `passes` of (rows, query length, key length) until backward, and
     the most one layer's recomputation and gradients add during backward."""
     b = torch.finfo(dtype).bits // 8
     by_layer: dict[int | None, list] = {}
     for target in shapes.targets:
         by_layer.setdefault(_layer_index(target[0]), []).append(target)
-    layers = [layer_saved(shapes, dtype, by_layer.get(i, []), strategy, i == 0) for i in range(shapes.layers)]
+    layers = [layer_saved(shapes, dtype, by_layer.get(i, []), strategy, i == 0, adapter_rank)
+              for i in range(shapes.layers)]
     kept, one_layer = 0.0, 0.0
     for rows, query, key in passes:
         queries = rows * query
@@ -166,6 +175,11 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
 
     shapes = shapes or Shapes.of(model_config, config.targets)
     b = torch.finfo(dtype).bits // 8
+    svf = getattr(config, "policy", "svf") == "svf"
+    if not svf:
+        from .policies import make_policy
+
+        adapter = make_policy(config).memory(shapes.targets, b)
     P, C, G = prompt_tokens, config.max_new_tokens, config.generations_per_prompt
     d, V = shapes.hidden, shapes.vocab
     target_numel = sum(o * i for _, o, i in shapes.targets)
@@ -179,9 +193,13 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
         "U, s, Vᵀ": factor_numel * b // share,
         "z, its gradient, optimiser state": ranks * 4 * 4,
     }
-    if config.weight_cache != "none" and not sharded:  # sharded factors exist only inside forwards: no W' kept
+    if not svf:  # the base weights whole, the adapter's parameters with fp32 gradients and AdamW's two moments
+        resident = {"base weights": shapes.params * b // share,
+                    "adapter parameters, gradients, optimiser state": adapter["trainable"] * 4 * 4,
+                    "adapter's frozen tensors": adapter["frozen_bytes"]}
+    if svf and config.weight_cache != "none" and not sharded:  # sharded factors exist only inside forwards: no W' kept
         resident["kept W'(z)"] = target_numel * b
-    if config.weight_cache == "all" and config.kl_coef > 0 and not sharded:
+    if svf and config.weight_cache == "all" and config.kl_coef > 0 and not sharded:
         resident["kept W'(1)"] = target_numel * b
 
     # The update: one micro-batch of whole prompt groups.
@@ -201,11 +219,14 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
                 else cheaper_strategy(tokens, out, inp) for name, out, inp in shapes.targets}
 
     strategy = strategy_for(max(r * q for r, q, _ in passes) if deepspeed else step_tokens)
-    saved, one_layer = saved_activations(shapes, dtype, strategy, passes, config.gradient_checkpointing)
+    saved, one_layer = saved_activations(shapes, dtype, strategy, passes, config.gradient_checkpointing,
+                                         None if svf else adapter["rank"])
     saved += rows * C * d * b  # the hidden states fed to the head
     tokens = sum(r * q for r, q, _ in passes)
     kv_width = 2 * shapes.kv_heads * shapes.head_dim * b
-    if deepspeed:
+    if not svf:
+        step_weights = 0
+    elif deepspeed:
         step_weights = sum(compose_saved(o, i, dtype, input_needs_grad(name, shapes.targets)) for r, q, _ in passes
                            for name, o, i in shapes.targets if strategy_for(r * q)[name] == "compose")
     else:
@@ -240,6 +261,8 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
 
     # Rollouts with HF generate (vLLM engines hold their own memory), and evaluation.
     phases = {"update": update}
+    if not svf:
+        update.pop(next(k for k in update if "W'" in k))
     if config.engine == "hf":
         at_once = min(prompts, max(1, HF_BATCH_SEQUENCES // G)) * G  # HFEngine's generate() calls
         phases["rollout"] = _generation(shapes, b, at_once, P, C, config.weight_cache) | gathered
@@ -250,17 +273,17 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
     # apply_svf runs on the host before the model moves to its device: there, the base weights are all held
     # until each target is replaced, plus copies of the kept ones (which let a mapped checkpoint file go).
     largest = max(o * i for _, o, i in shapes.targets)
-    svd = {"base weights being replaced": target_numel * b, "copies of the kept weights": resident[
-        "base weights (not SVF)"], "one matrix's fp32 SVD": 16 * largest}
+    svd = {"base weights being replaced": target_numel * b, "copies of the kept weights": (
+        shapes.params - target_numel) * b // share, "one matrix's fp32 SVD": 16 * largest}
     if sharded:  # every process decomposes whole matrices; ZeRO-3 shards them afterwards
         svd["whole weights and factors, before ZeRO-3 shards them"] = (
             (shapes.params - target_numel) * b + factor_numel * b) * (share - 1) // share
         svd["copies of the kept weights"] = (shapes.params - target_numel) * b
     on_gpu = torch.device(device).type != "cpu"
-    if not on_gpu:
+    if not on_gpu and svf:
         phases["SVD"] = svd
     estimate = MemoryEstimate(resident, phases)
-    if on_gpu:
+    if on_gpu and svf:
         host = (sum(svd.values()) + resident["base weights (not SVF)"] + resident["U, s, Vᵀ"]) / GiB
         estimate.notes.append(f"host memory for the SVD at start-up: {host:.1f} GiB")
     if config.engine == "vllm":

@@ -162,7 +162,7 @@ def single_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_two_processes_train_the_same_lora_as_one_process(backend, single_lora_run, tiny_model_dir, tmp_path):
-    port = 29541 + list(BACKENDS).index(backend)
+    port = 29551 + list(BACKENDS).index(backend)
     config = tiny_config(tiny_model_dir, tmp_path / backend, steps=2, save_every=2, eval_every=2, **LORA)
     launch(backend, config, port)
     run = Path(config.output_dir)

@@ -1,4 +1,4 @@
-"""Users' own tasks: the README example as written, TRL's reward functions, and broken rewards."""
+"""Users' own tasks: the documented example as written, TRL's reward functions, and broken rewards."""
 
 import json
 import re
@@ -12,7 +12,7 @@ from svf_rl.expert import load_expert
 from svf_rl.train import TrainingError, train
 from tests.test_train import tiny_config
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[1] / "docs" / "tasks.md"  # where the example task is written out
 FAST = ["steps=2", "prompts_per_step=2", "generations_per_prompt=2", "max_new_tokens=4", "eval_size=4",
         "test_size=4", "train_size=8", "log_with=[]", "progress=false"]
 

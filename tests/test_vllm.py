@@ -185,6 +185,23 @@ def assert_engine_served_the_trainers_z(run: Path, moved: float = 1e-2) -> None:
     assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
 
 
+@pytest.mark.parametrize("engine", ["vllm", "vllm_server"])
+def test_lora_trains_through_vllm_whose_log_probs_stay_the_trainers(engine, smollm2_path, tmp_path, request):
+    # The push is the adapted layers' W + ΔW by name (colocated) or the adapter's parameters alone (server).
+    lora = dict(policy="lora", lr=0.01, **{"policy_args.rank": 8})
+    if engine == "vllm_server":
+        config = server_config(smollm2_path, tmp_path, request.getfixturevalue("vllm_server"), **lora)
+        train(config)
+    else:  # in its own process, as the other colocated runs: vLLM keeps a process group per process
+        config = colocated_config(smollm2_path, tmp_path, **lora)
+        run_cli(config)
+    steps = step_metrics(Path(config.output_dir))
+    assert steps[-1]["param_shift"] > 0.05
+    gaps = [s["sampler_logp_gap"] for s in steps]
+    assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
+    assert (Path(config.output_dir) / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_colocated_vllm_under_zero2_follows_z(smollm2_path, tmp_path):
     # ZeRO-2 writes z through a flat buffer: a cache keyed on z's version would keep serving step 0's W'.
     config = colocated_config(smollm2_path, tmp_path)

@@ -300,6 +300,29 @@ class PeftPolicy:
     def shard(self) -> None:
         self.sharded = True
 
+    def memory(self, targets: list[tuple[str, int, int]], b: int) -> dict:
+        """For the memory model, from shapes alone: trainable parameters, frozen adapter bytes, and the rank of
+        the activation autograd keeps per target (None: nothing beyond LoRA's input)."""
+        a, kind = self.args, self.kind
+        ins, outs = sum(i for _, _, i in targets), sum(o for _, o, _ in targets)
+        if kind in ("lora", "dora", "loraplus", "lorafa"):
+            trainable = a.rank * (ins + outs) + (outs if kind == "dora" else 0)
+            frozen = a.rank * ins * 4 if kind == "lorafa" else 0
+            if kind == "lorafa":
+                trainable -= a.rank * ins
+            return {"trainable": trainable, "frozen_bytes": frozen, "rank": a.rank}
+        if kind == "adalora":
+            return {"trainable": a.init_rank * (ins + outs + len(targets)), "frozen_bytes": 0, "rank": a.init_rank}
+        if kind == "vera":
+            widest_in, widest_out = max(i for _, _, i in targets), max(o for _, o, _ in targets)
+            return {"trainable": outs + a.rank * len(targets), "frozen_bytes": a.rank * (widest_in + widest_out) * 4,
+                    "rank": a.rank}
+        if kind == "tinylora":
+            return {"trainable": a.u * len(targets),
+                    "frozen_bytes": len(targets) * (a.u * a.rank * a.rank * 4) + a.rank * (ins + outs) * b,
+                    "rank": a.rank}
+        return {"trainable": outs, "frozen_bytes": 0, "rank": 0}  # ia3
+
 
 def is_adapter_dir(path) -> bool:
     return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
