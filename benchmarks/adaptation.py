@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from svf_rl.adapt import BASE, CEM, Adapter, expert_name, mixture, shot_sets
-from svf_rl.engine import HFEngine
-from svf_rl.evaluate import experts_on_model, load_model
-from svf_rl.expert import load_expert
+from svf_rl.engines.hf import HFEngine
+from svf_rl.inference.adapt import BASE, CEM, Adapter, expert_name, mixture, shot_sets
+from svf_rl.inference.evaluate import experts_on_model, load_model
+from svf_rl.inference.expert import load_expert
 from svf_rl.run_files import write_atomic
 from svf_rl.task import load_task
 

@@ -40,12 +40,12 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from svf_rl.base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_model_path
-    from svf_rl.engine import HFEngine, Sampling, chat_ids
-    from svf_rl.logprobs import completion_logprobs, make_token_batch
+    from svf_rl.engines.hf import HFEngine, Sampling, chat_ids
+    from svf_rl.engines.vllm_engine import VLLMEngine, VLLMServerEngine
+    from svf_rl.loop.logprobs import completion_logprobs, make_token_batch
+    from svf_rl.policies.svf_layer import apply_svf, policy_step, svf_layers
     from svf_rl.svd import weight_fingerprints
-    from svf_rl.svf import apply_svf, policy_step, svf_layers
     from svf_rl.task import load_task
-    from svf_rl.vllm_engine import VLLMEngine, VLLMServerEngine
 
     path = resolve_model_path(EMBEDDED_MODEL)
     model, tokenizer = load_base_model(path)

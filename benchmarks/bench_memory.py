@@ -1,6 +1,6 @@
-"""Measured peak memory of training steps against the memory model's prediction (svf_rl/memory.py).
+"""Measured peak memory of training steps against the memory model's prediction (svf_rl/loop/memory.py).
 
-Each configuration runs `svf_rl.train.train` for one step (SVD, base-model evaluation, rollout, update,
+Each configuration runs `svf_rl.loop.train.train` for one step (SVD, base-model evaluation, rollout, update,
 sync, validation, test) in its own process, one after the other. The model is the embedded SmolLM2-135M or a
 randomly initialised one built from a real config (no hub is reachable; memory does not depend on the
 weights' values), with SmolLM2's tokenizer and its 49,152-token vocabulary, saved once and loaded from disk
@@ -85,7 +85,7 @@ def saved_random_model(name: str, architecture: dict) -> str:
 
 
 def run_one(name: str) -> dict:
-    import svf_rl.train as trainer
+    import svf_rl.loop.train as trainer
     from svf_rl.base_model import EMBEDDED_MODEL, load_base_model
     from svf_rl.config import load_config
 

@@ -16,9 +16,9 @@ import time
 import torch
 
 from svf_rl.base_model import EMBEDDED_MODEL, cache_root, load_base_model
-from svf_rl.engine import chat_ids
-from svf_rl.logprobs import completion_features, make_token_batch, plan_forward, token_stats, update_tokens
-from svf_rl.svf import apply_svf, policy_step, svf_layers
+from svf_rl.engines.hf import chat_ids
+from svf_rl.loop.logprobs import completion_features, make_token_batch, plan_forward, token_stats, update_tokens
+from svf_rl.policies.svf_layer import apply_svf, policy_step, svf_layers
 from tasks.arithmetic import Arithmetic
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 from svf_rl.base_model import EMBEDDED_MODEL, load_base_model
-from svf_rl.svf import apply_svf, policy_step, svf_layers
+from svf_rl.policies.svf_layer import apply_svf, policy_step, svf_layers
 
 
 def seconds(fn, repeats: int) -> float:

@@ -37,8 +37,8 @@ def rss_gib() -> float:
 
 def run_svf(steps: int) -> dict:
     from svf_rl.config import load_config
+    from svf_rl.loop.train import train
     from svf_rl.run_files import read_metrics
-    from svf_rl.train import train
 
     out = tempfile.mkdtemp()
     start = rss_gib()

@@ -24,5 +24,5 @@ if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; the
     export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 fi
 VLLM_SERVER_DEV_MODE=1 exec python -m vllm.entrypoints.openai.api_server --model "$model" --port "$port" \
-    --worker-extension-cls svf_rl.vllm_worker.PolicyWorkerExtension --logprobs-mode processed_logprobs \
+    --worker-extension-cls svf_rl.engines.vllm_worker.PolicyWorkerExtension --logprobs-mode processed_logprobs \
     --enable-prefix-caching "${cpu_flags[@]}" "$@"

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from svf_rl.cli import main
 
 sys.exit(main())

@@ -33,7 +33,7 @@ def convert_embedded_model() -> Path:
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .run_files import atomic_directory
+    from svf_rl.run_files import atomic_directory
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

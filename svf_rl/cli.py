@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="summarise an expert file")
     inspect.add_argument("file")
     commands.add_parser("tasks", help="list built-in and installed tasks")
-    from .inputs import one_line
+    from svf_rl.inputs import one_line
 
     try:
         args, extra = parser.parse_known_args(argv)
@@ -109,20 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from .config import ConfigError, load_config
-    from .expert import ExpertError
-    from .policies import PolicyError
-    from .train import TrainingError
-    from .vllm_engine import VLLMServerError
+    from svf_rl.config import ConfigError, load_config
+    from svf_rl.engines.vllm_engine import VLLMServerError
+    from svf_rl.inference.expert import ExpertError
+    from svf_rl.loop.train import TrainingError
+    from svf_rl.policies import PolicyError
 
     try:
         if args.command == "train":
-            from .train import train as run_training
+            from svf_rl.loop.train import train as run_training
 
             overrides = args.overrides + ([f"task={args.task}"] if args.task else [])
             run_training(load_config(args.config, overrides))
         elif args.command == "memory":
-            from .memory import predict_run
+            from svf_rl.loop.memory import predict_run
 
             if args.processes < 1:
                 raise ValueError(f"--processes must be at least 1, got {args.processes}")
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             import json
 
-            from .evaluate import default_output, eval_target
-            from .evaluate import evaluate as run_eval
-            from .task import parse_task_args
+            from svf_rl.inference.evaluate import default_output, eval_target
+            from svf_rl.inference.evaluate import evaluate as run_eval
+            from svf_rl.task import parse_task_args
 
             model, task, task_args = eval_target(args.experts, args.model, args.task, parse_task_args(args.task_args))
             output = args.output or default_output(task, args.split)
@@ -144,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result, indent=2))
             print(f"result written to {output}")
         elif args.command == "compose":
-            from .compose import compose_files
+            from svf_rl.inference.compose import compose_files
 
             written = compose_files(args.experts, args.output, args.alpha, args.alpha_file, args.overwrite)
             print(f"composed expert written to {written}")
         elif args.command == "adapt":
-            from .adapt import CEM, parse_descriptions, run_adaptation, summary_line
+            from svf_rl.inference.adapt import CEM, parse_descriptions, run_adaptation, summary_line
 
             cem = CEM(args.population, args.elite_fraction, args.iterations, args.per_layer, seed=args.seed)
             output = args.output or f"adapt_{args.strategy}.json"
@@ -161,26 +161,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"per task: {result['per_task']}")
             print(f"result written to {output}")
         elif args.command == "merge":
-            from .adapters import is_adapter_dir, merge_adapter
-            from .merge import merge_expert
+            from svf_rl.inference.adapters import is_adapter_dir, merge_adapter
+            from svf_rl.inference.merge import merge_expert
 
             merge = merge_adapter if is_adapter_dir(args.expert) else merge_expert
             print(f"merged model written to {merge(args.expert, args.output_dir, args.model)}")
         elif args.command == "import-sakana":
-            from .sakana import import_file
+            from svf_rl.inference.sakana import import_file
 
             expert, written = import_file(args.file, args.model, args.output, args.task, args.as_z, args.overwrite)
             print(f"expert ({expert.parametrisation}) written to {written}")
         elif args.command == "export":
-            from .export import export_checkpoint
+            from svf_rl.inference.export import export_checkpoint
 
             print(f"expert written to {export_checkpoint(args.checkpoint, args.output, args.overwrite)}")
         elif args.command == "inspect":
-            from .expert import describe_expert, load_expert
+            from svf_rl.inference.expert import describe_expert, load_expert
 
             print(describe_expert(load_expert(args.file)))
         elif args.command == "tasks":
-            from .task import available_tasks, describe_task
+            from svf_rl.task import available_tasks, describe_task
 
             for name, target in sorted(available_tasks().items()):
                 print(f"{name:20s} {describe_task(name)}  [{target}]")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from .base_model import EMBEDDED_MODEL
-from .policies import POLICIES
+from svf_rl.base_model import EMBEDDED_MODEL
+from svf_rl.policies import POLICIES
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.lr == 0 and isinstance(self.policy, str):
-            from .policies import POLICIES, default_lr
+            from svf_rl.policies import POLICIES, default_lr
 
             if self.policy in POLICIES:
                 self.lr = default_lr(self.policy)
@@ -183,7 +183,7 @@ def check_ranges(config: TrainConfig) -> None:
     for key, default in svf_only.items():
         if config.policy != "svf" and getattr(config, key) != default:
             raise ConfigError(f"config key {key!r} is SVF's; policy {config.policy!r} has no {key}")
-    from .policies import PolicyError, make_policy
+    from svf_rl.policies import PolicyError, make_policy
 
     try:
         make_policy(config)  # its arguments, checked before anything loads

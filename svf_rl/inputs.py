@@ -100,7 +100,7 @@ def check_output(path: str | Path, inputs: Iterable[str | Path] = (), overwrite:
 
 def check_model_id(model: str) -> None:
     """A base model that can be loaded: the embedded default, a Hugging Face model directory or a hub id."""
-    from .base_model import EMBEDDED_MODEL, cache_root, embedded_gguf_path
+    from svf_rl.base_model import EMBEDDED_MODEL, cache_root, embedded_gguf_path
 
     if not model:
         raise ValueError("no base model: give --model")

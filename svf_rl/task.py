@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .rewards import as_completion, reward_name
+from svf_rl.rewards import as_completion, reward_name
 
 log = logging.getLogger("svf_rl")
 ENTRY_POINT_GROUP = "svf_rl.tasks"

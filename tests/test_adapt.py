@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from svf_rl.adapt import BASE, CEM, Adapter, Item, check_disjoint, classifier_task, expert_name, mixture
 from svf_rl.cli import main
-from svf_rl.engine import HFEngine, Sampling, chat_ids, generate_per_z
-from svf_rl.evaluate import experts_on_model
-from svf_rl.expert import Expert, ExpertError, save_expert
+from svf_rl.engines.hf import HFEngine, Sampling, chat_ids, generate_per_z
+from svf_rl.inference.adapt import BASE, CEM, Adapter, Item, check_disjoint, classifier_task, expert_name, mixture
+from svf_rl.inference.evaluate import experts_on_model
+from svf_rl.inference.expert import Expert, ExpertError, save_expert
+from svf_rl.policies.svf_layer import load_z, svf_layers, z_vectors
 from svf_rl.svd import model_fingerprint
-from svf_rl.svf import load_z, svf_layers, z_vectors
 from svf_rl.task import Task, load_task
 from tests.test_compose_eval import random_expert
 

@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from svf_rl.cli import main
-from svf_rl.compose import compose, z_digest
-from svf_rl.evaluate import evaluate, model_with_experts, pass_at_k
-from svf_rl.expert import Expert, ExpertError, load_expert, save_expert
+from svf_rl.inference.compose import compose, z_digest
+from svf_rl.inference.evaluate import evaluate, model_with_experts, pass_at_k
+from svf_rl.inference.expert import Expert, ExpertError, load_expert, save_expert
+from svf_rl.policies.svf_layer import apply_svf, svf_layers
 from svf_rl.svd import model_fingerprint
-from svf_rl.svf import apply_svf, svf_layers
 
 
 def random_expert(model_dir, seed, task="t", targets="mlp", spread=0.5):

@@ -110,14 +110,14 @@ def test_edge_values_that_can_run_are_accepted():
 @pytest.mark.parametrize("override", ["temperature=0", "eval_every=0", "top_p=2"])
 def test_cli_rejects_a_bad_value_before_loading_the_model(override, capsys, monkeypatch):
     import svf_rl.base_model
-    import svf_rl.train
+    import svf_rl.loop.train
     from svf_rl.cli import main
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("training started with a configuration that cannot run")
 
-    monkeypatch.setattr(svf_rl.train, "train", must_not_run)
-    monkeypatch.setattr(svf_rl.train, "load_base_model", must_not_run)
+    monkeypatch.setattr(svf_rl.loop.train, "train", must_not_run)
+    monkeypatch.setattr(svf_rl.loop.train, "load_base_model", must_not_run)
     monkeypatch.setattr(svf_rl.base_model, "load_base_model", must_not_run)
     assert main(["train", override]) == 2
     err = capsys.readouterr().err.strip()

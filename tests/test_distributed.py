@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from svf_rl.expert import load_expert
-from svf_rl.export import export_checkpoint
-from svf_rl.train import train
+from svf_rl.inference.expert import load_expert
+from svf_rl.inference.export import export_checkpoint
+from svf_rl.loop.train import train
 from tests.same_z import EQUALITY, assert_same_z
 from tests.test_train import tiny_config
 
@@ -101,7 +101,7 @@ def test_zero3_with_gradient_checkpointing_and_a_chunked_head_matches_one_proces
 @pytest.mark.parametrize("backend, schedule", [("ddp", "linear"), ("zero2", "cosine")])
 def test_lr_schedule_steps_once_per_update_whatever_the_number_of_processes(backend, schedule, tiny_model_dir,
                                                                              tmp_path):
-    from svf_rl.update import lr_lambda
+    from svf_rl.loop.update import lr_lambda
 
     settings = dict(SHARED, steps=5, warmup_steps=2, lr_schedule=schedule, eval_every=5, save_every=5,
                     max_new_tokens=2)

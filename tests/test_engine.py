@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from svf_rl.engine import HFEngine, RolloutDistribution, Sampling
-from svf_rl.logprobs import completion_logprobs, make_token_batch
+from svf_rl.engines.hf import HFEngine, RolloutDistribution, Sampling
+from svf_rl.loop.logprobs import completion_logprobs, make_token_batch
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from svf_rl.expert import Expert, ExpertError, describe_expert, load_expert, save_expert
+from svf_rl.inference.expert import Expert, ExpertError, describe_expert, load_expert, save_expert
 
 
 def make_expert() -> Expert:

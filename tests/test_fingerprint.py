@@ -107,7 +107,7 @@ class FakeWorker:
     """What PolicyWorkerExtension needs of vLLM's worker: its model config, and a loader that takes weights."""
 
     def __init__(self, model_dir, dtype=torch.bfloat16):
-        from svf_rl.vllm_worker import PolicyWorkerExtension
+        from svf_rl.engines.vllm_worker import PolicyWorkerExtension
 
         self.extension = PolicyWorkerExtension()
         self.extension.vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(model=str(model_dir),
@@ -129,7 +129,7 @@ class FakeClient:
 def server_engine(model_dir, trainer, fingerprints, monkeypatch):
     """A VLLMServerEngine whose one server runs PolicyWorkerExtension in this process, on `model_dir`; `trainer`:
     an attached policy."""
-    from svf_rl.vllm_engine import VLLMServerEngine
+    from svf_rl.engines.vllm_engine import VLLMServerEngine
 
     monkeypatch.setitem(sys.modules, "trl.generation.vllm_client", types.SimpleNamespace(VLLMClient=FakeClient))
     monkeypatch.setattr(VLLMServerEngine, "_rpc", FakeWorker(model_dir).rpc)
@@ -138,8 +138,8 @@ def server_engine(model_dir, trainer, fingerprints, monkeypatch):
 
 def test_server_identity_is_checked_exactly(tmp_path, monkeypatch):
     from svf_rl.config import TrainConfig
+    from svf_rl.engines.vllm_engine import VLLMServerError
     from svf_rl.policies import make_policy
-    from svf_rl.vllm_engine import VLLMServerError
 
     monkeypatch.setenv("SVF_RL_CACHE", str(tmp_path / "cache"))
     served = tiny_llama()

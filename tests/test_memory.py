@@ -5,9 +5,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from svf_rl.config import make_config
-from svf_rl.logprobs import completion_features, make_token_batch
-from svf_rl.memory import Shapes, compose_saved, estimate_memory, input_needs_grad, memory_report, saved_activations
-from svf_rl.svf import apply_svf, policy_step, svf_layers
+from svf_rl.loop.logprobs import completion_features, make_token_batch
+from svf_rl.loop.memory import (
+    Shapes,
+    compose_saved,
+    estimate_memory,
+    input_needs_grad,
+    memory_report,
+    saved_activations,
+)
+from svf_rl.policies.svf_layer import apply_svf, policy_step, svf_layers
 
 
 def small_llama(dtype, targets, strategy, layers=3):
@@ -84,7 +91,7 @@ def test_a_w_composed_in_each_forward_keeps_what_the_model_counts(dtype, targets
 
 
 def test_completions_repeat_their_prompts_keys_and_values_one_layer_at_a_time():
-    from svf_rl.logprobs import PrefixLayer, SharedPrefixCache
+    from svf_rl.loop.logprobs import PrefixLayer, SharedPrefixCache
 
     keys, values = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     cache = SharedPrefixCache([PrefixLayer() for _ in range(3)])
@@ -137,7 +144,7 @@ def test_each_lever_lowers_the_predicted_peak():
 def test_the_shipped_8b_configuration_fits_one_80gb_gpu_with_its_vllm_share():
     from svf_rl.cli import main
     from svf_rl.config import load_config
-    from svf_rl.memory import predict_run
+    from svf_rl.loop.memory import predict_run
 
     text = predict_run(load_config("launch/gsm8k_vllm.yaml"), "launch/models/llama-3.1-8b.json", 256, 80.0)
     assert "fits in 80 GiB" in text and "does not fit" not in text

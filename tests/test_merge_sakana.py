@@ -10,13 +10,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from svf_rl.cli import main
-from svf_rl.compose import compose, z_digest
-from svf_rl.evaluate import model_with_experts
-from svf_rl.expert import SIGMOID_RESCALED, ExpertError, describe_expert, load_expert, save_expert
-from svf_rl.merge import merge_expert
-from svf_rl.sakana import import_policy_params
+from svf_rl.inference.compose import compose, z_digest
+from svf_rl.inference.evaluate import model_with_experts
+from svf_rl.inference.expert import SIGMOID_RESCALED, ExpertError, describe_expert, load_expert, save_expert
+from svf_rl.inference.merge import merge_expert
+from svf_rl.inference.sakana import import_policy_params
 from svf_rl.svd import model_fingerprint
-from svf_rl.svf import find_targets
+from svf_rl.targets import find_targets
 from tests.test_compose_eval import random_expert
 
 PLAIN_LOAD = """

@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from svf_rl.logprobs import token_stats
-from svf_rl.objective import advantages, aggregate, kl_penalty, policy_loss
+from svf_rl.loop.logprobs import token_stats
+from svf_rl.loop.objective import advantages, aggregate, kl_penalty, policy_loss
 
 
 def test_no_baseline_is_plain_reinforce():

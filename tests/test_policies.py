@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from svf_rl.config import ConfigError
+from svf_rl.loop.train import train
 from svf_rl.policies import make_policy
 from svf_rl.policies.base import linear_map
 from svf_rl.policies.peft import DEFAULT_LR
 from svf_rl.run_files import read_metrics
-from svf_rl.train import train
 from tests.conftest import tiny_llama
 from tests.test_train import tiny_config
 
@@ -203,3 +203,46 @@ def test_a_resumed_lora_run_continues_as_an_unbroken_one(tiny_model_dir, tmp_pat
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.allclose(whole[key], resumed[key], rtol=0, atol=1e-6), key
+
+
+def test_a_pissa_adapter_is_saved_converted_so_that_peft_loads_it_onto_the_base_weights(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from svf_rl.svd import model_fingerprint
+
+    config = tiny_config(tiny_model_dir, tmp_path, policy="lora", lr=0.05, kl_coef=0.0,
+                         **{"policy_args.rank": 4, "policy_args.init": "pissa"})
+    adapter = train(config)
+    ids = torch.tensor([[3, 9, 27, 11]])
+    trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fingerprint = model_fingerprint(trainer)
+    policy = make_policy(config)
+    policy.attach(trainer)  # W_res = W − BA at the start, as training had it
+    policy.load(adapter, fingerprint)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
+    with torch.no_grad():
+        want, got = trainer(ids).logits, loaded(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert (got - base).abs().max() > 1e-4
+
+
+def test_adaloras_orthogonality_penalty_is_pefts_own_in_value_and_gradient():
+    model, policy = attached("adalora")
+    perturb(policy)
+    ids = torch.tensor([[3, 9, 27, 11, 5]])
+    params = policy.parameters()
+
+    def peft_loss(weight):
+        policy.peft.peft_config["default"].orth_reg_weight = weight
+        return policy.peft(input_ids=ids, labels=ids).loss
+
+    with_penalty, without = peft_loss(0.5), peft_loss(0.0)
+    want = torch.autograd.grad(with_penalty - without, params, allow_unused=True)
+    ours = policy.regulariser()
+    got = torch.autograd.grad(ours, params, allow_unused=True)
+    assert ours.item() == pytest.approx((with_penalty - without).item(), rel=1e-5)
+    for p, g, w in zip(params, got, want, strict=True):  # unused: None (the LM loss cancels to 0 in PEFT's)
+        assert torch.allclose(torch.zeros_like(p) if g is None else g, torch.zeros_like(p) if w is None else w,
+                              atol=1e-6)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from svf_rl import train as train_module
-from svf_rl import update as update_module
+from svf_rl.loop import train as train_module
+from svf_rl.loop import update as update_module
+from svf_rl.loop.train import TrainingError, train
+from svf_rl.loop.update import AdamWTowardsBase, SGDTowardsBase, UpdateError, check_precision
 from svf_rl.run_files import read_metrics
-from svf_rl.train import TrainingError, train
-from svf_rl.update import AdamWTowardsBase, SGDTowardsBase, UpdateError, check_precision
 from tests.same_z import EQUALITY, assert_same_z
 from tests.test_distributed import z_at
 from tests.test_train import tiny_config

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from svf_rl.policies.svf_layer import SVFLinear, apply_svf, policy_step, reference_mode, svf_layers, z_vectors
 from svf_rl.svd import cached_svd, model_fingerprint
-from svf_rl.svf import SVFLinear, apply_svf, find_targets, policy_step, reference_mode, svf_layers, z_vectors
+from svf_rl.targets import find_targets
 
 from .conftest import tiny_llama
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from svf_rl.config import load_config
-from svf_rl.expert import load_expert
-from svf_rl.train import train
+from svf_rl.inference.expert import load_expert
+from svf_rl.loop.train import train
 
 TASK_FILE = '''
 from reward_fns.text import completion_text
@@ -116,7 +116,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
 
 
 def test_export_turns_a_checkpoint_into_the_same_expert(tiny_model_dir, tmp_path):
-    from svf_rl.export import export_checkpoint
+    from svf_rl.inference.export import export_checkpoint
 
     config = tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=2)
     trained = load_expert(train(config))
@@ -127,9 +127,9 @@ def test_export_turns_a_checkpoint_into_the_same_expert(tiny_model_dir, tmp_path
 
 def test_embedded_smollm2_trains_a_few_steps_and_the_expert_fits_the_model(smollm2_path, tmp_path):
     from svf_rl.base_model import EMBEDDED_MODEL, load_base_model
-    from svf_rl.expert import ExpertError
+    from svf_rl.inference.expert import ExpertError
+    from svf_rl.policies.svf_layer import apply_expert, apply_svf, svf_layers
     from svf_rl.svd import model_fingerprint
-    from svf_rl.svf import apply_expert, apply_svf, svf_layers
 
     config = load_config(None, [f"output_dir={tmp_path / 'run'}", "steps=2", "prompts_per_step=4",
                                 "generations_per_prompt=2", "max_new_tokens=12", "baseline=none", "eval_every=2",
@@ -171,7 +171,7 @@ def test_resume_false_starts_clean_and_later_resumes_continue_the_new_run(tiny_m
 
 
 def test_resume_false_with_a_bad_configuration_loses_nothing(tiny_model_dir, tmp_path):
-    from svf_rl.train import TrainingError
+    from svf_rl.loop.train import TrainingError
 
     train(tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=100))
     run = Path(tiny_config(tiny_model_dir, tmp_path).output_dir)
@@ -206,8 +206,8 @@ def test_a_resumed_run_reports_the_base_model_once_and_the_test_once(tiny_model_
 ])
 def test_a_checkpoint_of_another_run_is_refused_in_one_line(change, message, tiny_model_dir, tmp_path, monkeypatch):
     train(tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=100))
-    from svf_rl import train as train_module
-    from svf_rl.train import TrainingError
+    from svf_rl.loop import train as train_module
+    from svf_rl.loop.train import TrainingError
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -223,7 +223,7 @@ def test_a_checkpoint_of_another_run_is_refused_in_one_line(change, message, tin
 def test_a_checkpoint_on_other_base_weights_is_refused(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from svf_rl.train import TrainingError
+    from svf_rl.loop.train import TrainingError
 
     train(tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=100))
     other = tmp_path / "other_model"
@@ -252,9 +252,9 @@ def test_evaluation_generates_in_batches_of_eval_batch_size(tiny_model_dir, tmp_
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from svf_rl.engine import HFEngine
+    from svf_rl.engines.hf import HFEngine
+    from svf_rl.loop.train import evaluate
     from svf_rl.task import load_task
-    from svf_rl.train import evaluate
 
     class CountingEngine(HFEngine):
         def generate(self, prompts, sampling):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from svf_rl.logprobs import (
+from svf_rl.loop.logprobs import (
     checkpoint_layers,
     completion_features,
     head_is_plain,
@@ -16,8 +16,8 @@ from svf_rl.logprobs import (
     token_stats,
     update_tokens,
 )
-from svf_rl.objective import kl_penalty
-from svf_rl.svf import apply_svf, policy_step, reference_mode, set_weight_cache, svf_layers
+from svf_rl.loop.objective import kl_penalty
+from svf_rl.policies.svf_layer import apply_svf, policy_step, reference_mode, set_weight_cache, svf_layers
 
 G = 4
 # fp32 sums of the same terms in another order differ by about n·ε ≈ 1e-5 relative here; a wrong path (a token

@@ -16,13 +16,13 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-import svf_rl.adapt
-import svf_rl.evaluate
-import svf_rl.export
-import svf_rl.merge
-import svf_rl.sakana  # noqa: F401  (imported so that their loaders can be replaced)
+import svf_rl.inference.adapt
+import svf_rl.inference.evaluate
+import svf_rl.inference.export
+import svf_rl.inference.merge
+import svf_rl.inference.sakana  # noqa: F401  (imported so that their loaders can be replaced)
 from svf_rl.cli import main
-from svf_rl.expert import SIGMOID_RESCALED, Expert, load_expert, save_expert
+from svf_rl.inference.expert import SIGMOID_RESCALED, Expert, load_expert, save_expert
 from svf_rl.inputs import one_line
 
 UP, DOWN = "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from svf_rl.cli import main
-from svf_rl.expert import load_expert
-from svf_rl.train import TrainingError, train
+from svf_rl.inference.expert import load_expert
+from svf_rl.loop.train import TrainingError, train
 from tests.test_train import tiny_config
 
 README = Path(__file__).parents[1] / "docs" / "tasks.md"  # where the example task is written out

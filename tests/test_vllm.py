@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from svf_rl.base_model import cache_root, load_base_model
-from svf_rl.engine import Sampling, chat_ids
-from svf_rl.logprobs import completion_logprobs, make_token_batch
+from svf_rl.engines.hf import Sampling, chat_ids
+from svf_rl.loop.logprobs import completion_logprobs, make_token_batch
+from svf_rl.loop.train import pad_logprobs, train
+from svf_rl.policies.svf_layer import apply_svf, svf_layers
 from svf_rl.svd import weight_fingerprints
-from svf_rl.svf import apply_svf, svf_layers
-from svf_rl.train import pad_logprobs, train
 from tests.same_z import EQUALITY, assert_same_z
 from tests.test_distributed import launch, step_metrics, z_at
 from tests.test_train import tiny_config
@@ -60,12 +60,12 @@ def make_engine(kind, model, tokenizer, model_path, request, fingerprints, polic
     if kind == "colocated":
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
-        from svf_rl.vllm_engine import VLLMEngine
+        from svf_rl.engines.vllm_engine import VLLMEngine
 
         request.addfinalizer(destroy_distributed_environment)  # vLLM's process group, before train() makes its own
         request.addfinalizer(destroy_model_parallel)
         return VLLMEngine(model, tokenizer, model_path, policy.engine_weights, seed=0)
-    from svf_rl.vllm_engine import VLLMServerEngine
+    from svf_rl.engines.vllm_engine import VLLMServerEngine
 
     return VLLMServerEngine(model, tokenizer, policy, [request.getfixturevalue("vllm_server")], timeout=300,
                             fingerprints=fingerprints)
@@ -159,7 +159,7 @@ def test_a_resumed_run_through_a_vllm_server_continues_as_an_uninterrupted_one(s
 
 
 def test_a_missing_server_is_a_one_line_error(smollm2_path):
-    from svf_rl.vllm_engine import VLLMServerEngine, VLLMServerError
+    from svf_rl.engines.vllm_engine import VLLMServerEngine, VLLMServerError
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -246,9 +246,9 @@ print("RESULT" + json.dumps([[list(s.token_ids), [step[t].logprob for step, t in
 
 
 def test_a_merged_model_serves_in_vllm_without_svf_rl(smollm2_path, tmp_path):
-    from svf_rl.engine import Completion
-    from svf_rl.expert import Expert, save_expert
-    from svf_rl.merge import merge_expert
+    from svf_rl.engines.hf import Completion
+    from svf_rl.inference.expert import Expert, save_expert
+    from svf_rl.inference.merge import merge_expert
     from svf_rl.svd import model_fingerprint
 
     model, tokenizer = load_base_model(smollm2_path)
@@ -277,8 +277,8 @@ def test_a_merged_model_serves_in_vllm_without_svf_rl(smollm2_path, tmp_path):
 
 
 def test_colocated_vllm_generates_each_group_with_its_own_z(smollm2_path, request):
-    from svf_rl.engine import generate_per_z
-    from svf_rl.evaluate import ModelWeights
+    from svf_rl.engines.hf import generate_per_z
+    from svf_rl.inference.evaluate import ModelWeights
 
     model, tokenizer = load_base_model(smollm2_path)
     apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)

@@ -17,7 +17,7 @@ weights a rollout engine needs after a step, the saved artefact, its metrics and
 
 from __future__ import annotations
 
-from .base import Policy, PolicyError, check_args
+from svf_rl.policies.base import Policy, PolicyError, check_args
 
 POLICIES = {
     "svf": "svf_rl.policies.svf:SVFPolicy",

@@ -43,6 +43,9 @@ class Policy(typing.Protocol):
     def step(self, tokens: int, gather_per_step: bool) -> AbstractContextManager:
         """The scope of one optimiser step's forwards and backwards over `tokens` rows."""
 
+    def regulariser(self) -> torch.Tensor | None:
+        """A penalty on the parameters themselves, added once to each step's loss (AdaLoRA's orthogonality)."""
+
     def after_step(self, step: int) -> None:
         """Called once the update is applied, gradients still present (AdaLoRA's rank allocator)."""
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from .base import check_args
-from .peft import DEFAULT_LR, LoraArgs, PeftPolicy
+from svf_rl.policies.base import check_args
+from svf_rl.policies.peft import DEFAULT_LR, LoraArgs, PeftPolicy
 
 
 @dataclass

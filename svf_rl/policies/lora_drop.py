@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..svf import find_targets
-from .base import PolicyError, check_args
-from .peft import DEFAULT_LR, LoraArgs, PeftPolicy, is_adapter_dir
+from svf_rl.policies.base import PolicyError, check_args
+from svf_rl.policies.peft import DEFAULT_LR, LoraArgs, PeftPolicy, is_adapter_dir
+from svf_rl.targets import find_targets
 
 
 @dataclass

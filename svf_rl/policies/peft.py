@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..svf import find_targets
-from .base import PolicyError, check_args, linear_map
+from svf_rl.policies.base import PolicyError, check_args, linear_map
+from svf_rl.targets import find_targets
 
 RECORD = "svf_rl.json"  # beside the adapter: base fingerprint, targets, task, training config, scores
+PISSA_STATE = "pissa_state.safetensors"  # a PiSSA run's own B and A, which the saved adapter converts
 
 
 @dataclass
@@ -67,6 +68,7 @@ class AdaLoraArgs:
     tfinal: int = 0  # steps at the end with the final ranks
     delta_t: int = 1  # steps between re-allocations
     alpha: float = 32.0
+    orth_reg_weight: float = 0.5  # keeps P and Q orthogonal, as the SVD form assumes (PEFT's default)
 
     def check(self):
         if not 1 <= self.target_rank <= self.init_rank:
@@ -126,6 +128,10 @@ class PeftPolicy:
         if self.kind == "adalora" and self.args.tinit + self.args.tfinal >= config.steps:
             raise PolicyError(f"adalora needs tinit + tfinal < steps={config.steps}, got "
                               f"{self.args.tinit} + {self.args.tfinal}")
+        self.pissa = getattr(self.args, "init", "") == "pissa"
+        if self.pissa and config.engine == "vllm_server":
+            raise PolicyError("init=pissa moves the principal components out of the base weights, which vLLM "
+                              "servers hold as stored; use engine=vllm or hf with it")
         self.whole_gradients = self.kind in ("adalora", "lorafa")  # read after the step; ZeRO partitions them
         self.model = self.peft = None
         self.layers: dict = {}
@@ -168,6 +174,14 @@ class PeftPolicy:
         self.model = model  # adapted in place: forwards, generate and DeepSpeed use the HF model itself
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
         self.initial = [p.detach().clone() for p in self.parameters()]
+        if self.pissa:  # PEFT converts a saved PiSSA adapter against its start, to load onto the base weights
+            import tempfile
+
+            self.pissa_start = tempfile.mkdtemp(prefix="pissa_start_")
+            config = self.peft.peft_config["default"]
+            config.init_lora_weights = True
+            self.peft.save_pretrained(self.pissa_start)
+            config.init_lora_weights = "pissa"
 
     # Training -------------------------------------------------------------------------------------------------
 
@@ -228,6 +242,18 @@ class PeftPolicy:
     def step(self, tokens: int, gather_per_step: bool):
         return contextlib.nullcontext()
 
+    def regulariser(self) -> torch.Tensor | None:
+        """AdaLoRA's orthogonality penalty, w·mean over its P and Q of ‖PPᵀ − I‖_F (‖QᵀQ − I‖_F); added to each
+        step's loss once. None for the others."""
+        if self.kind != "adalora" or self.args.orth_reg_weight == 0:
+            return None
+        terms = []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name) and p.numel():
+                gram = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=p.device, dtype=p.dtype)))
+        return self.args.orth_reg_weight * torch.stack(terms).mean()
+
     def after_step(self, step: int) -> None:
         if self.kind == "adalora":  # prunes ranks from |θ·∂L/∂θ|: every rank has the same, reduced gradient
             self.peft.base_model.update_and_allocate(step)
@@ -274,7 +300,7 @@ class PeftPolicy:
 
     def save(self, path: Path, record: dict, scores: dict) -> Path:
         """A PEFT adapter directory, written whole or not at all, with svf-rl's record beside it."""
-        from ..run_files import atomic_directory
+        from svf_rl.run_files import atomic_directory
 
         path = Path(path)
         if path.exists():
@@ -282,7 +308,14 @@ class PeftPolicy:
 
             shutil.rmtree(path)  # the previous best of this run
         with self.saved_config(record["model"]), atomic_directory(path) as staging:
-            self.peft.save_pretrained(staging, save_embedding_layers=False)
+            if self.pissa:  # a LoRA of rank 2r against the base weights as stored, and the trainer's own state
+                self.peft.save_pretrained(staging, save_embedding_layers=False,
+                                          path_initial_model_for_weight_conversion=self.pissa_start)
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self.state_dict().items()}, staging / PISSA_STATE)
+            else:
+                self.peft.save_pretrained(staging, save_embedding_layers=False)
             info = {"policy": self.name, "base_model": record["model"], "base_fingerprint": record["fingerprint"],
                     "targets": self.targets, "task": record["task"], "config": record["config"], "scores": scores}
             (staging / RECORD).write_text(json.dumps(info, indent=2, default=str))
@@ -295,7 +328,7 @@ class PeftPolicy:
         if info.get("base_fingerprint") != fingerprint:
             raise PolicyError(f"{path} was trained on other base weights (fingerprint {info.get('base_fingerprint')}"
                               f", this model's is {fingerprint})")
-        self.load_state_dict(load_file(Path(path) / "adapter_model.safetensors"))
+        self.load_state_dict(load_file(Path(path) / (PISSA_STATE if self.pissa else "adapter_model.safetensors")))
 
     def shard(self) -> None:
         self.sharded = True

@@ -7,9 +7,18 @@ from pathlib import Path
 
 import torch
 
-from ..base_model import cache_root
-from ..svf import apply_expert, apply_svf, load_z, policy_step, reference_mode, set_weight_cache, svf_layers, z_vectors
-from .base import check_args
+from svf_rl.base_model import cache_root
+from svf_rl.policies.base import check_args
+from svf_rl.policies.svf_layer import (
+    apply_expert,
+    apply_svf,
+    load_z,
+    policy_step,
+    reference_mode,
+    set_weight_cache,
+    svf_layers,
+    z_vectors,
+)
 
 
 @dataclass
@@ -57,6 +66,9 @@ class SVFPolicy:
         needs each backward to reach z itself."""
         return policy_step(self.model, tokens, gather_per_step)
 
+    def regulariser(self) -> None:
+        return None
+
     def after_step(self, step: int) -> None:
         pass
 
@@ -78,13 +90,13 @@ class SVFPolicy:
         return f"|z-1| {metrics['z_dev_mean']:.1e}"
 
     def save(self, path: Path, record: dict, scores: dict) -> Path:
-        from ..expert import Expert, save_expert
+        from svf_rl.inference.expert import Expert, save_expert
 
         return save_expert(Expert(z_vectors(self.model), record["model"], record["fingerprint"], self.targets,
                                   record["task"], record["config"], scores), path)
 
     def load(self, path: Path, fingerprint: str) -> None:
-        from ..expert import load_expert
+        from svf_rl.inference.expert import load_expert
 
         apply_expert(self.model, load_expert(path), fingerprint)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .policies.peft import RECORD, is_adapter_dir, read_record
+from svf_rl.policies.peft import RECORD, is_adapter_dir, read_record
 
 
 class AdapterError(ValueError):
@@ -34,7 +34,7 @@ def adapter_info(path: str | Path) -> dict:
 
 
 def base_model_for_adapter(path: str | Path, model: str | None = None) -> str:
-    from .inputs import check_model_id
+    from svf_rl.inputs import check_model_id
 
     info = adapter_info(path)
     chosen = model or info["base_model"]
@@ -54,8 +54,8 @@ def merged_model(path: str | Path, model_id: str, dtype: str = "auto"):
 
     from peft import PeftModel
 
-    from .evaluate import load_model
-    from .svd import model_fingerprint
+    from svf_rl.inference.evaluate import load_model
+    from svf_rl.svd import model_fingerprint
 
     model, tokenizer = load_model(model_id, dtype)
     expected = adapter_info(path).get("base_fingerprint")
@@ -76,9 +76,9 @@ def merge_adapter(path: str | Path, output_dir: str | Path, model: str | None = 
     anything loads if the output exists or the adapter or model cannot be used."""
     from transformers import AutoTokenizer
 
-    from .base_model import resolve_model_path
-    from .inputs import check_output
-    from .run_files import atomic_directory
+    from svf_rl.base_model import resolve_model_path
+    from svf_rl.inputs import check_output
+    from svf_rl.run_files import atomic_directory
 
     output_dir = Path(output_dir)
     check_output(output_dir, [path], directory=True)

@@ -39,7 +39,7 @@ class Shapes:
     def of(cls, model_config, targets: str) -> Shapes:
         from transformers import AutoModelForCausalLM
 
-        from .svf import find_targets
+        from svf_rl.targets import find_targets
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config)
@@ -170,14 +170,14 @@ def estimate_memory(config, model_config, dtype: torch.dtype, device: torch.devi
     """Predicted peak memory of one training process. `prompt_tokens`: the longest prompt, in tokens;
     `zero_stage`: DeepSpeed's ZeRO stage (0-3), None without DeepSpeed; `zero3_live_parameters`: its
     stage3_max_live_parameters."""
-    from .engine import HF_BATCH_SEQUENCES
-    from .svf import cheaper_strategy
+    from svf_rl.engines.hf import HF_BATCH_SEQUENCES
+    from svf_rl.policies.svf_layer import cheaper_strategy
 
     shapes = shapes or Shapes.of(model_config, config.targets)
     b = torch.finfo(dtype).bits // 8
     svf = getattr(config, "policy", "svf") == "svf"
     if not svf:
-        from .policies import make_policy
+        from svf_rl.policies import make_policy
 
         adapter = make_policy(config).memory(shapes.targets, b)
     P, C, G = prompt_tokens, config.max_new_tokens, config.generations_per_prompt
@@ -336,7 +336,7 @@ def predict_run(config, model_config_path: str | None = None, prompt_tokens: int
     alone, and whether it fits with a colocated vLLM's share; per process with `processes` and `zero_stage`."""
     from transformers import AutoConfig
 
-    from .base_model import DTYPES, resolve_model_path
+    from svf_rl.base_model import DTYPES, resolve_model_path
 
     source = model_config_path or resolve_model_path(config.model)
     try:

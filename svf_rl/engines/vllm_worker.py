@@ -1,7 +1,7 @@
 """A vLLM worker extension that builds the policy's adapted weights on its own device: SVF's W' from U, s, Vᵀ and
 z, or a PEFT adapter's W + ΔW from the base weights and the adapter's parameters.
 
-Start the server with `--worker-extension-cls svf_rl.vllm_worker.PolicyWorkerExtension` (and
+Start the server with `--worker-extension-cls svf_rl.engines.vllm_worker.PolicyWorkerExtension` (and
 VLLM_SERVER_DEV_MODE=1, which opens /collective_rpc). The trainer then sends the trainable state alone after
 each step (a few hundred KB of z for an 8B model, or the adapter's parameters, instead of gigabytes of
 weights), and every worker, whatever the tensor-parallel layout, builds the full weight of each layer and
@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .base_model import cache_root
-from .svd import cached_svd, weight_fingerprint
-from .svf import compose_weight
+from svf_rl.base_model import cache_root
+from svf_rl.policies.svf_layer import compose_weight
+from svf_rl.svd import cached_svd, weight_fingerprint
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
@@ -123,7 +123,7 @@ class AdaptedLayers:
     def weights(self, state: dict[str, torch.Tensor]):
         from peft import set_peft_model_state_dict
 
-        from .policies.base import linear_map
+        from svf_rl.policies.base import linear_map
 
         set_peft_model_state_dict(self.model, state)
 

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .engine import Completion, Sampling
-from .vllm_worker import encode_tensors
+from svf_rl.engines.hf import Completion, Sampling
+from svf_rl.engines.vllm_worker import encode_tensors
 
 
 def _rng_state():
@@ -91,7 +91,7 @@ class VLLMServerEngine:
     Prompts go out through TRL's VLLMClient, spread over the servers (data parallel; each server may itself be
     tensor parallel). After each step the main process sends the policy's trainable state alone (SVF's z, an
     adapter's parameters), and every server worker builds the adapted weights from the base weights it holds
-    (svf_rl.vllm_worker); the other ranks wait until the new weights are in.
+    (svf_rl.engines.vllm_worker); the other ranks wait until the new weights are in.
     """
 
     def __init__(self, model, tokenizer, policy, urls: list[str], timeout: float = 300.0, main: bool = True,
@@ -135,7 +135,7 @@ class VLLMServerEngine:
             raise VLLMServerError(f"vLLM server {client.base_url} has no /collective_rpc; start it with "
                                   f"VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)")
         if response.status_code != 200:
-            hint = (" (start it with --worker-extension-cls svf_rl.vllm_worker.PolicyWorkerExtension, as "
+            hint = (" (start it with --worker-extension-cls svf_rl.engines.vllm_worker.PolicyWorkerExtension, as "
                     "launch/vllm_server.sh does)" if method in response.text and "attribute" in response.text
                     else "")
             raise VLLMServerError(f"vLLM server {client.base_url}: {method} failed with HTTP "

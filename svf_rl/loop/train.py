@@ -17,16 +17,24 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 
-from .base_model import load_base_model, resolve_dtype, resolve_model_path
-from .config import TrainConfig, config_dict
-from .engine import Sampling, chat_ids
-from .export import read_run_info, write_run_info
-from .logprobs import checkpoint_layers, completion_features, make_token_batch, plan_forward, token_stats, update_tokens
-from .memory import estimate_memory, memory_report
-from .objective import advantages, aggregate, kl_penalty, policy_loss
-from .policies import make_policy
-from .rewards import as_completion, reward_name, score_completions
-from .run_files import (
+from svf_rl.base_model import load_base_model, resolve_dtype, resolve_model_path
+from svf_rl.config import TrainConfig, config_dict
+from svf_rl.engines.hf import Sampling, chat_ids
+from svf_rl.inference.export import read_run_info, write_run_info
+from svf_rl.loop.logprobs import (
+    checkpoint_layers,
+    completion_features,
+    make_token_batch,
+    plan_forward,
+    token_stats,
+    update_tokens,
+)
+from svf_rl.loop.memory import estimate_memory, memory_report
+from svf_rl.loop.objective import advantages, aggregate, kl_penalty, policy_loss
+from svf_rl.loop.update import check_precision, make_update, whole_matrices, zero_settings
+from svf_rl.policies import make_policy
+from svf_rl.rewards import as_completion, reward_name, score_completions
+from svf_rl.run_files import (
     append_metrics,
     checkpoint_dirs,
     clear_run,
@@ -36,9 +44,8 @@ from .run_files import (
     truncate_metrics,
     write_atomic,
 )
-from .svd import model_fingerprint, weight_fingerprints
-from .task import check_reward_columns, load_task, unique_rows
-from .update import check_precision, make_update, whole_matrices, zero_settings
+from svf_rl.svd import model_fingerprint, weight_fingerprints
+from svf_rl.task import check_reward_columns, load_task, unique_rows
 
 log = logging.getLogger("svf_rl")
 
@@ -71,7 +78,7 @@ class RunState:
 def evaluate(task, rows: list[dict], tokenizer, engine, config: TrainConfig, accelerator: Accelerator,
              max_new_tokens: int | None = None) -> dict:
     """Greedy held-out accuracy with its 95% interval; each rank scores its share of the rows."""
-    from .evaluate import greedy_accuracy
+    from svf_rl.inference.evaluate import greedy_accuracy
 
     result = greedy_accuracy(task, rows, tokenizer, engine, max_new_tokens or config.max_new_tokens,
                              config.eval_batch_size, accelerator)
@@ -94,9 +101,9 @@ class Run:
     model: torch.nn.Module
     tokenizer: object
     policy: object  # what trains (svf_rl.policies)
-    update: object  # how its gradient becomes a step (svf_rl.update)
-    forward: object  # how the update runs its forwards (svf_rl.logprobs.plan_forward)
-    engine: object  # the rollout engine (svf_rl.engine)
+    update: object  # how its gradient becomes a step (svf_rl.loop.update)
+    forward: object  # how the update runs its forwards (svf_rl.loop.logprobs.plan_forward)
+    engine: object  # the rollout engine (svf_rl.engines.hf)
     state: RunState
     record: dict  # base model, fingerprint, targets, task, config: what an artefact records
     output_dir: Path
@@ -345,7 +352,11 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
                                               forward.head, config.logit_chunk_tokens)
                 kl, surrogate = kl_penalty(logp, ref_logp, mask, config.kl_estimator, *full_kl)
                 loss = loss + config.kl_coef * surrogate.sum() / total_tokens
-            run.update.backward(loss, last=first + rows_per_micro >= len(batch))
+            last = first + rows_per_micro >= len(batch)
+            penalty = policy.regulariser() if last else None
+            if penalty is not None:  # once per step: each rank adds its share, as the ranks' gradients are summed
+                loss = loss + penalty / accelerator.num_processes
+            run.update.backward(loss, last=last)
             with torch.no_grad():
                 sums += torch.stack([loss.detach(), kl.sum() / total_tokens,
                                      (token_entropy * mask).sum() / total_tokens])
@@ -460,7 +471,7 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
 
 def make_engine(config: TrainConfig, model, tokenizer, policy, accelerator: Accelerator,
                 fingerprints: dict[str, str]):
-    from .engine import make_engine as engine_for
+    from svf_rl.engines.hf import make_engine as engine_for
 
     if config.engine == "vllm" and policy.sharded:
         raise TrainingError("engine=vllm is not supported with DeepSpeed ZeRO-3 yet (it would gather every adapted "

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .expert import Expert, check_vectors, save_expert
-from .inputs import check_output, read_torch_file
-from .run_files import checkpoint_dirs, write_atomic
+from svf_rl.inference.expert import Expert, check_vectors, save_expert
+from svf_rl.inputs import check_output, read_torch_file
+from svf_rl.run_files import checkpoint_dirs, write_atomic
 
 RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, written when it starts
 

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .inputs import check_input_file, check_model_id
+from svf_rl import __version__
+from svf_rl.inputs import check_input_file, check_model_id
 
 FORMAT = "svf-expert"
 FORMAT_VERSION = "1"

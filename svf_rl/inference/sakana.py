@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .expert import SIGMOID_RESCALED, Expert, ExpertError, as_scale_expert, save_expert
-from .inputs import check_model_id, check_output, read_torch_file
-from .svd import cached_svd, model_fingerprint
-from .svf import find_targets
+from svf_rl.inference.expert import SIGMOID_RESCALED, Expert, ExpertError, as_scale_expert, save_expert
+from svf_rl.inputs import check_model_id, check_output, read_torch_file
+from svf_rl.svd import cached_svd, model_fingerprint
+from svf_rl.targets import find_targets
 
 KEY = re.compile(r"learnable_params_module_list\.(\d+)")
 
@@ -70,7 +70,7 @@ def import_policy_params(path: str | Path, model, base_model: str, task: str = "
     expert = Expert(dict(zip(names, vectors, strict=True)), base_model, model_fingerprint(model), "mlp", task,
                     config, parametrisation=SIGMOID_RESCALED)
     if as_z:
-        from .base_model import cache_root
+        from svf_rl.base_model import cache_root
 
         def singular_values(name):
             return cached_svd(model.get_submodule(name).weight, cache_root() / "svd")[1]
@@ -83,7 +83,7 @@ def import_file(path: str | Path, model: str, output: str | Path, task: str = ""
                 overwrite: bool = True) -> tuple[Expert, Path]:
     """`svf-rl import-sakana`: the file, the model id and the output are checked before the model loads (the
     output is never the input, and replaces a file only with `overwrite`); then the expert is written."""
-    from .base_model import load_base_model
+    from svf_rl.base_model import load_base_model
 
     vectors = read_policy_params(path)
     check_model_id(model)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .engine import left_pad
+from svf_rl.engines.hf import left_pad
 
 log = logging.getLogger(__name__)
 

@@ -43,13 +43,13 @@ def make_engine(kind: str, model, tokenizer, policy=None, model_path: str = "", 
     """hf: generate() on the model itself; vllm: a vLLM engine in this process, fed the policy's weights by name;
     vllm_server: vLLM servers of their own, fed the policy's trainable state. `policy` None: the model as it is."""
     if kind == "vllm":
-        from .vllm_engine import VLLMEngine
+        from svf_rl.engines.vllm_engine import VLLMEngine
 
         weights = policy.engine_weights if policy is not None else lambda: iter(())
         return VLLMEngine(model, tokenizer, model_path, weights, seed=seed,
                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     if kind == "vllm_server":
-        from .vllm_engine import VLLMServerEngine
+        from svf_rl.engines.vllm_engine import VLLMServerEngine
 
         main, wait = (accelerator.is_main_process, accelerator.wait_for_everyone) if accelerator else (True, None)
         return VLLMServerEngine(model, tokenizer, policy, list(urls), timeout, main=main, wait=wait or (lambda: None),
@@ -61,7 +61,7 @@ def generate_per_z(engine, groups: list[tuple[dict | None, list[list[int]]]], sa
                    ) -> list[list[Completion]]:
     """Each group's prompts with that group's z (None: the base model, z = 1), one generate() per group, on any
     engine: the policy's z is set and pushed as after a training step, and restored afterwards."""
-    from .svf import load_z, svf_layers, z_vectors
+    from svf_rl.policies.svf_layer import load_z, svf_layers, z_vectors
 
     saved = z_vectors(engine.model)
     out = []

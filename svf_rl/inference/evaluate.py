@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_dtype, resolve_model_path
-from .compose import check_alpha, check_same_base, compose
-from .engine import Sampling, chat_ids
-from .expert import Expert, ExpertError, as_scale_expert, base_model_for, load_expert
-from .inputs import check_count, check_model_id, check_output, check_split
-from .run_files import wilson_interval, write_atomic
-from .svd import model_fingerprint
-from .svf import apply_svf, load_z, svf_layers
-from .task import TaskError, load_task, safe_score, unique_rows
+from svf_rl.base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_dtype, resolve_model_path
+from svf_rl.engines.hf import Sampling, chat_ids
+from svf_rl.inference.compose import check_alpha, check_same_base, compose
+from svf_rl.inference.expert import Expert, ExpertError, as_scale_expert, base_model_for, load_expert
+from svf_rl.inputs import check_count, check_model_id, check_output, check_split
+from svf_rl.policies.svf_layer import apply_svf, load_z, svf_layers
+from svf_rl.run_files import wilson_interval, write_atomic
+from svf_rl.svd import model_fingerprint
+from svf_rl.task import TaskError, load_task, safe_score, unique_rows
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -100,7 +100,7 @@ def eval_target(experts: list[str], model: str | None, task: str | None, task_ar
                 ) -> tuple[str, str, dict | None]:
     """(base model, task, task arguments) to evaluate: as given, else the (first) expert's own; the base model
     alone runs on the embedded model unless `model` says otherwise. The model is checked (one line)."""
-    from .adapters import adapter_info, base_model_for_adapter, is_adapter_dir
+    from svf_rl.inference.adapters import adapter_info, base_model_for_adapter, is_adapter_dir
 
     adapter = bool(experts) and is_adapter_dir(experts[0])
     if adapter and len(experts) > 1:
@@ -143,7 +143,7 @@ class ModelWeights:
 
 def inference_engine(kind: str, model, tokenizer, model_id: str, seed: int = 0, merged: list[str] = ()):
     """The model on the GPU if there is one, and its engine: HF generate or a colocated vLLM."""
-    from .engine import make_engine
+    from svf_rl.engines.hf import make_engine
 
     if torch.cuda.is_available():
         model.to("cuda")
@@ -194,7 +194,7 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     file is replaced only with `overwrite`, an expert file never. Bad input fails in one line before the model
     loads."""
     model, task, task_args = eval_target(list(experts), model, task, task_args)
-    from .adapters import is_adapter_dir, merged_model
+    from svf_rl.inference.adapters import is_adapter_dir, merged_model
 
     adapter = bool(experts) and is_adapter_dir(experts[0])
     if adapter and alpha is not None:

@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .expert import PARAMETRISATION, Expert, ExpertError, load_expert, save_expert
-from .inputs import check_finite, check_input_file, check_output
+from svf_rl.inference.expert import PARAMETRISATION, Expert, ExpertError, load_expert, save_expert
+from svf_rl.inputs import check_finite, check_input_file, check_output
 
 
 def z_digest(expert: Expert) -> str:

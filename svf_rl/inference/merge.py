@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .base_model import cache_root, load_base_model, resolve_model_path
-from .compose import z_digest
-from .expert import Expert, base_model_for, load_expert, module_z
-from .inputs import check_output
-from .run_files import atomic_directory
-from .svd import cached_svd, model_fingerprint
-from .svf import compose_weight, find_targets
+from svf_rl import __version__
+from svf_rl.base_model import cache_root, load_base_model, resolve_model_path
+from svf_rl.inference.compose import z_digest
+from svf_rl.inference.expert import Expert, base_model_for, load_expert, module_z
+from svf_rl.inputs import check_output
+from svf_rl.policies.svf_layer import compose_weight
+from svf_rl.run_files import atomic_directory
+from svf_rl.svd import cached_svd, model_fingerprint
+from svf_rl.targets import find_targets
 
 
 def check_merge(expert_path: str | Path, output_dir: str | Path, model: str | None = None) -> tuple[Expert, str]:

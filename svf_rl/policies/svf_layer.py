@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,13 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .svd import cached_svd
+from svf_rl.svd import cached_svd
+from svf_rl.targets import find_targets
 
-TARGET_PRESETS = {
-    "mlp": r"(^|\.)(mlp|feed_forward|ffn)\.",
-    "attn": r"(^|\.)(self_attn|attn|attention|self_attention)\.",
-    "all": r"(^|\.)(mlp|feed_forward|ffn|self_attn|attn|attention|self_attention)\.",
-}
 STRATEGIES = ("auto", "compose", "factored")
 
 
@@ -142,29 +137,6 @@ class SVFLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.s.numel()}, strategy={self.strategy}"
 
 
-def target_pattern(targets: str) -> re.Pattern:
-    try:
-        return re.compile(TARGET_PRESETS.get(targets, targets))
-    except re.error as err:
-        raise ValueError(f"targets {targets!r} is neither a preset {sorted(TARGET_PRESETS)} "
-                         f"nor a valid regex: {err}") from None
-
-
-def find_targets(model: nn.Module, targets: str) -> list[str]:
-    """Names of the nn.Linear modules selected by a preset (mlp, attn, all) or a regex over module names."""
-    pattern = target_pattern(targets)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
-    if not names:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
-        raise ValueError(f"targets {targets!r} matched no nn.Linear module; some linear modules: {linear}")
-    tied = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if tied is not None and getattr(model.config, "tie_word_embeddings", False):
-        tied_name = next((n for n, m in model.named_modules() if m is tied), None)
-        if tied_name in names:
-            raise ValueError(f"{tied_name} is tied to the input embeddings and cannot be an SVF target")
-    return names
-
-
 def apply_svf(model: nn.Module, targets: str = "mlp", strategy: str = "auto",
               cache_dir: Path | None = None, progress: bool = True) -> list[str]:
     """Replace each target nn.Linear by an SVFLinear in place; freeze everything but z. Returns the names."""
@@ -261,7 +233,7 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
 
 def apply_expert(model: nn.Module, expert, fingerprint: str) -> None:
     """Load an expert's z into an SVF model after checking names, sizes and the base fingerprint."""
-    from .expert import scale_vectors
+    from svf_rl.inference.expert import scale_vectors
 
     layers = svf_layers(model)
     expert.check_compatible({name: layer.z.numel() for name, layer in layers.items()}, fingerprint)

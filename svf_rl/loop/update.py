@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .config import TrainConfig
-from .memory import ZERO3_LIVE_PARAMETERS
+from svf_rl.config import TrainConfig
+from svf_rl.loop.memory import ZERO3_LIVE_PARAMETERS
 
 
 class UpdateError(ValueError):

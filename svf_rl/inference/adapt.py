@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .engine import Sampling, chat_ids, generate_per_z
-from .expert import Expert, ExpertError
-from .inputs import check_count, check_output, check_split
-from .logprobs import completion_logprobs, make_token_batch
-from .rewards import first_label
-from .run_files import wilson_interval
-from .svf import load_z, z_vectors
-from .task import Task, load_task, safe_score
+from svf_rl.engines.hf import Sampling, chat_ids, generate_per_z
+from svf_rl.inference.expert import Expert, ExpertError
+from svf_rl.inputs import check_count, check_output, check_split
+from svf_rl.loop.logprobs import completion_logprobs, make_token_batch
+from svf_rl.policies.svf_layer import load_z, z_vectors
+from svf_rl.rewards import first_label
+from svf_rl.run_files import wilson_interval
+from svf_rl.task import Task, load_task, safe_score
 
 BASE = "base"  # the route of a prompt that no expert claims: the base model, z = 1
 STRATEGIES = ("base", "oracle", "prompt", "classifier", "few-shot")
@@ -319,7 +319,7 @@ def check_disjoint(classifier: Expert, task: Task, items: list[Item]) -> None:
 
 def mixture(tasks: dict[str, Task], split: str, size: int, seed: int) -> list[Item]:
     """`size` distinct problems of each category's task, in category order."""
-    from .task import unique_rows
+    from svf_rl.task import unique_rows
 
     return [Item(task, row, name) for name, task in tasks.items()
             for row in unique_rows(task, task.rows(split, size, seed), split)]
@@ -368,7 +368,7 @@ def parse_descriptions(items: list[str]) -> dict[str, str]:
 def check_adaptation(names: list[str], strategy: str, classifier: str | None, split: str, size: int, shots: int,
                      shot_split: str, max_new_tokens: int | None, engine: str, descriptions: dict[str, str]) -> None:
     """One line for any argument `svf-rl adapt` cannot use, before a file is read or the model loads."""
-    from .evaluate import check_engine
+    from svf_rl.inference.evaluate import check_engine
 
     if any(not name for name in names):
         raise ExpertError("an expert name is empty; give NAME=PATH with a name")
@@ -425,10 +425,10 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
     JSON `output` replaces a file only with `overwrite`, an input never."""
     import json
 
-    from .compose import check_same_base
-    from .evaluate import experts_on_model, inference_engine, load_model
-    from .expert import base_model_for, load_expert
-    from .run_files import write_atomic
+    from svf_rl.inference.compose import check_same_base
+    from svf_rl.inference.evaluate import experts_on_model, inference_engine, load_model
+    from svf_rl.inference.expert import base_model_for, load_expert
+    from svf_rl.run_files import write_atomic
 
     pairs = [split_expert_arg(e) for e in experts]
     names, paths = [name for name, _ in pairs], [path for _, path in pairs]
