@@ -4,9 +4,9 @@ time, what a sync moves, and peak memory.
 Each policy runs the embedded default's configuration for a few steps (`svf_rl.loop.train.train`, the same
 prompts, rollouts and seeds) in its own process, one after the other, with a colocated vLLM engine by
 default, so that the sync column is the weights pushed after each step. Times are the mean over the steps
-after the first. "sent to a server" is what `engine=vllm_server` sends after each step (the trainable state),
-"pushed colocated" the adapted layers' weights. Peak memory is the process's peak resident memory (VmHWM)
-minus its resident memory before the model is built, as in bench_memory.py.
+after the first. "sent to a server" is what `engine=vllm_server` sends after each step (the tensors that
+changed: the trainable ones), "pushed colocated" the adapted layers' weights. Peak memory is the process's
+peak resident memory (VmHWM) minus its resident memory before the model is built, as in bench_memory.py.
 
     python benchmarks/bench_policies.py [--engine vllm|hf] [--steps 4] [--only lora,svf]
 """
@@ -58,6 +58,13 @@ def run_one(policy: str, engine: str, steps: int) -> dict:
     model, _ = load_base_model(config.model, "auto")
     attached = make_policy(config)
     attached.attach(model, [[1, 2, 3]])
+    import torch
+
+    attached.optimizer(torch.optim.AdamW, config.lr, 0.0)  # LoRA-FA's freezes A
+    attached.server_setup()  # the servers get the whole state once; then, after a step, what changed
+    with torch.no_grad():
+        for p in attached.parameters():
+            p.add_(1e-3)
     sent = sum(t.numel() * 4 for t in attached.server_update().values())
     pushed = sum(w.numel() * w.element_size() for _, w in attached.engine_weights())
     return {"policy": policy, "lr": config.lr, "trainable": sum(p.numel() for p in attached.parameters()),

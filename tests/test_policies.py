@@ -203,6 +203,10 @@ def test_a_resumed_lora_run_continues_as_an_unbroken_one(tiny_model_dir, tmp_pat
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.allclose(whole[key], resumed[key], rtol=0, atol=1e-6), key
+    from svf_rl.cli import main
+
+    assert main(["export", str(tmp_path / "split" / "run"), str(tmp_path / "z.safetensors")]) == 2  # not z
+    assert not (tmp_path / "z.safetensors").exists()
 
 
 def test_a_pissa_adapter_is_saved_converted_so_that_peft_loads_it_onto_the_base_weights(tiny_model_dir, tmp_path):
@@ -246,3 +250,50 @@ def test_adaloras_orthogonality_penalty_is_pefts_own_in_value_and_gradient():
     for p, g, w in zip(params, got, want, strict=True):  # unused: None (the LM loss cancels to 0 in PEFT's)
         assert torch.allclose(torch.zeros_like(p) if g is None else g, torch.zeros_like(p) if w is None else w,
                               atol=1e-6)
+
+
+def test_bad_adapter_inputs_fail_in_one_line_before_a_model_loads(tmp_path, capsys):
+    from svf_rl.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    assert main(["eval", str(broken), "--task", "arithmetic"]) == 2
+    assert "has no adapter_model.safetensors" in capsys.readouterr().err
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    (broken / "adapter_config.json").write_text("{not json")
+    assert main(["merge", str(broken), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json is not JSON" in err and len(err.strip().splitlines()) == 1
+    (broken / "adapter_config.json").write_text("{}")
+    assert main(["merge", str(broken), str(tmp_path / "out")]) == 2
+    assert "records no base model; give --model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in PEFT_POLICIES if n != "lora_drop"])
+def test_a_servers_worker_builds_the_trainers_weights_from_the_adapter_state_alone(name, tmp_path, monkeypatch):
+    import types
+
+    from svf_rl.engines.vllm_engine import VLLMServerEngine
+    from tests.test_fingerprint import FakeClient, FakeWorker
+
+    monkeypatch.setenv("SVF_RL_CACHE", str(tmp_path / "cache"))
+    tiny_llama().save_pretrained(tmp_path / "served")
+    model, policy = attached(name)
+    worker = FakeWorker(tmp_path / "served", dtype=torch.float32)  # the extension in this process
+    pushed = []
+    worker.extension.reload_weights = lambda weights_iterator, is_checkpoint_format: pushed.append(
+        dict(weights_iterator))
+    monkeypatch.setitem(sys.modules, "trl.generation.vllm_client", types.SimpleNamespace(VLLMClient=FakeClient))
+    monkeypatch.setattr(VLLMServerEngine, "_rpc", worker.rpc)
+    engine = VLLMServerEngine(model, None, policy, ["http://server:8000"])
+    perturb(policy)
+    sent = policy.server_update()  # what the next push sends: the trained tensors, not the frozen ones
+    assert set(sent) and all(any(t in k for t in ("lora", "vera_lambda", "tinylora_v", "ia3")) for k in sent)
+    policy.served = {k: v for k, v in policy.served.items() if k not in sent}  # as before the perturbation
+    engine.update_weights()
+    ours = dict(policy.engine_weights())
+    assert pushed[-1].keys() == ours.keys()
+    for key, weight in ours.items():
+        assert torch.allclose(pushed[-1][key], weight, atol=1e-6), key

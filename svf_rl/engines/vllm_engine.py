@@ -113,6 +113,8 @@ class VLLMServerEngine:
                                           f"with launch/vllm_server.sh") from None
         self.model, self.tokenizer, self.policy, self.main, self.wait = model, tokenizer, policy, main, wait
         setup = policy.server_setup()
+        if "state" in setup:  # tensors travel as safetensors in base64, as every update does
+            setup = {**setup, "state": encode_tensors(setup["state"])}
         layers = setup["names"]
         if fingerprints is None:
             logging.getLogger(__name__).warning("no base weight fingerprints given: the vLLM servers' weights are "

@@ -74,6 +74,7 @@ class PolicyWorkerExtension:
         else:
             self.adapter = AdaptedLayers({n: weights[f"{n}.weight"].to(device, dtype) for n in spec["names"]},
                                          spec["config"])
+            self.adapter.load(decode_tensors(spec["state"]))
         return fingerprints
 
     def policy_update(self, payload: str) -> dict:
@@ -120,12 +121,17 @@ class AdaptedLayers:
         self.names = list(base)
         self.model = peft.get_peft_model(root, peft.get_peft_config(config))
 
-    def weights(self, state: dict[str, torch.Tensor]):
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Some or all of the adapter's tensors (after setup, the ones that changed)."""
         from peft import set_peft_model_state_dict
 
+        self.state = {**getattr(self, "state", {}), **state}  # PEFT loads VeRA's only with its projections
+        set_peft_model_state_dict(self.model, self.state)
+
+    def weights(self, state: dict[str, torch.Tensor]):
         from svf_rl.policies.base import linear_map
 
-        set_peft_model_state_dict(self.model, state)
+        self.load(state)
 
         def each():
             for name in self.names:

@@ -173,7 +173,7 @@ class PeftPolicy:
             self.peft = peft.get_peft_model(model, self.peft_config(names))
         self.model = model  # adapted in place: forwards, generate and DeepSpeed use the HF model itself
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
-        self.initial = [p.detach().clone() for p in self.parameters()]
+        self.initial = {id(p): p.detach().clone() for p in self.parameters()}  # for the logged shift
         if self.pissa:  # PEFT converts a saved PiSSA adapter against its start, to load onto the base weights
             import tempfile
 
@@ -280,17 +280,25 @@ class PeftPolicy:
             config.base_model_name_or_path = saved
 
     def server_setup(self) -> dict:
+        """The configuration, and the whole adapter state once (VeRA's and TinyLoRA's frozen tensors too)."""
         with self.saved_config("") as saved:
             config = saved.to_dict()
-        return {"policy": "peft", "names": list(self.layers),
+        self.served = self.adapter_state()
+        return {"policy": "peft", "names": list(self.layers), "state": self.served,
                 "config": json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))}
 
     def server_update(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors that changed since the servers last had them: the trained ones."""
+        state = self.adapter_state()
+        changed = {k: v for k, v in state.items() if k not in self.served or not torch.equal(v, self.served[k])}
+        self.served = state
+        return changed
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("rankallocator.")}
 
     def metrics(self) -> dict[str, float]:
-        shift = torch.cat([(p.detach() - p0).flatten().float() for p, p0 in zip(self.parameters(), self.initial,
-                                                                                 strict=True)])
+        shift = torch.cat([(p.detach() - self.initial[id(p)]).flatten().float() for p in self.parameters()])
         return {"param_shift": shift.norm().item(), "param_shift_max": shift.abs().max().item()}
 
     def progress(self, metrics: dict) -> str:
