@@ -71,8 +71,9 @@ def make_engine(kind, model, tokenizer, model_path, request, fingerprints, polic
                             fingerprints=fingerprints)
 
 
-@pytest.mark.parametrize("kind", ["colocated", "server"])
-@pytest.mark.parametrize("policy_name", ["svf", "lora", "dora"])
+# LoRA through a server is also trained below; every PEFT policy's server weights: tests/test_policies.py.
+@pytest.mark.parametrize("kind, policy_name", [("colocated", "svf"), ("server", "svf"), ("colocated", "lora"),
+                                               ("server", "dora")])
 def test_weights_pushed_after_a_step_match_the_trainer(kind, policy_name, smollm2_path, request):
     from svf_rl.config import TrainConfig
     from svf_rl.policies import make_policy

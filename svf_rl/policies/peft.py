@@ -175,9 +175,12 @@ class PeftPolicy:
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
         self.initial = {id(p): p.detach().clone() for p in self.parameters()}  # for the logged shift
         if self.pissa:  # PEFT converts a saved PiSSA adapter against its start, to load onto the base weights
+            import atexit
+            import shutil
             import tempfile
 
             self.pissa_start = tempfile.mkdtemp(prefix="pissa_start_")
+            atexit.register(shutil.rmtree, self.pissa_start, True)
             config = self.peft.peft_config["default"]
             config.init_lora_weights = True
             self.peft.save_pretrained(self.pissa_start)
