@@ -18,7 +18,7 @@ from svf_rl.policies.base import PolicyError, check_args, linear_map
 from svf_rl.targets import find_targets
 
 RECORD = "svf_rl.json"  # beside the adapter: base fingerprint, targets, task, training config, scores
-PISSA_STATE = "pissa_state.safetensors"  # a PiSSA run's own B and A, which the saved adapter converts
+TRAINER_STATE = "trainer_state.safetensors"  # the run's own state: AdaLoRA's unpruned ranks, PiSSA's own B and A
 
 
 @dataclass
@@ -106,7 +106,8 @@ SCHEMAS = {"lora": PlainLoraArgs, "dora": LoraArgs, "loraplus": LoraPlusArgs, "l
 
 # Adam learning rates that learn on the embedded default (30 steps; benchmarks/RESULTS.md). LoRA in RL wants about
 # 10× full fine-tuning's rate ("LoRA Without Regret", 2025); vectors that scale (IA3, VeRA's, TinyLoRA's) more.
-DEFAULT_LR = {"lora": 5e-4, "dora": 5e-4, "loraplus": 2e-4, "lorafa": 5e-4, "adalora": 5e-4, "vera": 5e-3,
+# AdaLoRA's E starts at 0 and multiplies B and A (both about 0.02): at 5e-4 its default run never moved.
+DEFAULT_LR = {"lora": 5e-4, "dora": 5e-4, "loraplus": 2e-4, "lorafa": 5e-4, "adalora": 1e-2, "vera": 5e-3,
               "tinylora": 1e-3, "ia3": 5e-3}
 
 
@@ -319,14 +320,13 @@ class PeftPolicy:
 
             shutil.rmtree(path)  # the previous best of this run
         with self.saved_config(record["model"]), atomic_directory(path) as staging:
-            if self.pissa:  # a LoRA of rank 2r against the base weights as stored, and the trainer's own state
-                self.peft.save_pretrained(staging, save_embedding_layers=False,
-                                          path_initial_model_for_weight_conversion=self.pissa_start)
-                from safetensors.torch import save_file
+            # PiSSA: a LoRA of rank 2r against the base weights as stored; AdaLoRA: its ranks pruned to their
+            # allocation. The run reloads its own state, kept beside them.
+            self.peft.save_pretrained(staging, save_embedding_layers=False,
+                                      path_initial_model_for_weight_conversion=self.pissa_start if self.pissa else None)
+            from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in self.state_dict().items()}, staging / PISSA_STATE)
-            else:
-                self.peft.save_pretrained(staging, save_embedding_layers=False)
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, staging / TRAINER_STATE)
             info = {"policy": self.name, "base_model": record["model"], "base_fingerprint": record["fingerprint"],
                     "targets": self.targets, "task": record["task"], "config": record["config"], "scores": scores}
             (staging / RECORD).write_text(json.dumps(info, indent=2, default=str))
@@ -339,7 +339,7 @@ class PeftPolicy:
         if info.get("base_fingerprint") != fingerprint:
             raise PolicyError(f"{path} was trained on other base weights (fingerprint {info.get('base_fingerprint')}"
                               f", this model's is {fingerprint})")
-        self.load_state_dict(load_file(Path(path) / (PISSA_STATE if self.pissa else "adapter_model.safetensors")))
+        self.load_state_dict(load_file(Path(path) / TRAINER_STATE))
 
     def shard(self) -> None:
         self.sharded = True
