@@ -130,6 +130,9 @@ class PeftPolicy:
             raise PolicyError(f"adalora needs tinit + tfinal < steps={config.steps}, got "
                               f"{self.args.tinit} + {self.args.tfinal}")
         self.pissa = getattr(self.args, "init", "") == "pissa"
+        if self.kind == "adalora" and config.engine == "vllm_server":
+            raise PolicyError("adalora prunes its ranks as it trains, which a vLLM server's copy does not follow yet; "
+                              "use engine=vllm or hf")
         if self.pissa and config.engine == "vllm_server":
             raise PolicyError("init=pissa moves the principal components out of the base weights, which vLLM "
                               "servers hold as stored; use engine=vllm or hf with it")
@@ -219,7 +222,11 @@ class PeftPolicy:
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft).items()}
+        if self.kind == "adalora":  # PEFT's own state prunes the ranks, which this model keeps: the tensors as held
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                     if any(part in k for part in (".lora_A.", ".lora_B.", ".lora_E.", ".ranknum."))}
+        else:
+            state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft).items()}
         allocator = getattr(self.peft.base_model, "rankallocator", None)
         if allocator is not None:  # AdaLoRA's importance averages: a resumed run allocates as an unbroken one
             for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
@@ -235,7 +242,10 @@ class PeftPolicy:
             if key.startswith("rankallocator.") and allocator is not None:
                 _, kind, name = key.split(".", 2)
                 getattr(allocator, kind)[name] = value.to(self.parameters()[0].device)
-        result = set_peft_model_state_dict(self.peft, adapter)
+        if self.kind == "adalora":
+            result = self.model.load_state_dict(adapter, strict=False)
+        else:
+            result = set_peft_model_state_dict(self.peft, adapter)
         if getattr(result, "unexpected_keys", None):
             raise PolicyError(f"adapter state has keys this {self.name} adapter lacks, e.g. "
                               f"{result.unexpected_keys[0]}")
@@ -299,7 +309,10 @@ class PeftPolicy:
         return changed
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("rankallocator.")}
+        """The adapter's tensors as PEFT names them, which the servers' PEFT loads."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft).items()}
 
     def metrics(self) -> dict[str, float]:
         shift = torch.cat([(p.detach() - self.initial[id(p)]).flatten().float() for p in self.parameters()])
