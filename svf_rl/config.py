@@ -27,6 +27,9 @@ class TrainConfig:
     # Task
     task: str = "arithmetic"  # a registered task name, module:Name or path/to/file.py:Name
     task_args: dict = field(default_factory=dict)
+    rewards: list = field(default_factory=list)  # trained on instead of the task's: module:function or file.py:function
+    #                                              (reward_fns.control:coin_flip is the random-reward control);
+    #                                              held-out scores stay the task's own
     reward_weights: list = field(default_factory=list)  # one per reward function; empty = the task's own
     train_size: int = 5000  # training problems drawn from the task
     # Rollouts
@@ -37,10 +40,13 @@ class TrainConfig:
     vllm_server_urls: list = field(default_factory=lambda: ["http://localhost:8000"])  # engine=vllm_server
     vllm_server_timeout: float = 300.0  # seconds to wait for the servers to answer at start-up
     prompts_per_step: int = 8
-    generations_per_prompt: int = 4
+    generations_per_prompt: int = 8
     max_new_tokens: int = 12
     temperature: float = 1.0
     top_p: float = 1.0
+    max_sampling_rounds: int = 0  # > 1: dynamic sampling (DAPO): groups whose rewards all agree are dropped and more
+    #                               prompts rolled out, up to this many rollouts a step, until prompts_per_step differ;
+    #                               unset (0): 3 under a group baseline (rloo, grpo), else 1 (off)
     seeded_rollouts: bool = False  # a seed per prompt: the same samples whatever the number of processes
     # Objective
     baseline: str = "rloo"  # none | mean | rloo | grpo
@@ -49,9 +55,9 @@ class TrainConfig:
     loss_aggregation: str = "token_mean"  # token_mean | sequence_mean | sequence_sum
     # Optimisation
     steps: int = 30
-    lr: float = 0.0  # unset: the policy's own (svf 5e-3; each policy's in docs/policies.md)
-    lr_schedule: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
+    lr: float = 0.0  # unset: the policy's own (svf 3e-3; each policy's in docs/policies.md)
+    lr_schedule: str = "cosine"  # constant | linear | cosine
+    warmup_steps: int = 3  # unset: 3, or the whole run when it is shorter
     optimizer: str = "adamw"  # adamw | sgd (with momentum; its step is linear in the gradient)
     momentum: float = 0.9  # optimizer=sgd only
     weight_decay: float = 0.0  # decoupled, towards z = 1 (the base model), not towards 0
@@ -63,7 +69,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # decoder layers keep only their inputs; recomputed in backward
     logit_chunk_tokens: int = 1024  # fp32 vocabulary rows alive at once in the update; 0 = the whole micro-batch
     # Evaluation
-    eval_every: int = 5
+    eval_every: int = 10
     eval_size: int = 100  # validation problems scored every eval_every steps to keep the best expert
     test_size: int = 200  # test problems scored for the base model and the final expert
     eval_batch_size: int = 100  # prompts per greedy generate() call in evaluation
@@ -73,7 +79,7 @@ class TrainConfig:
     save_every: int = 10
     resume: bool = True  # continue from the latest checkpoint in output_dir, if any
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (each is skipped) before stopping
-    seed: int = 0
+    seed: int = 0  # the training prompts drawn and the sampling; validation and test problems are fixed
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per physical core)
     log_with: list = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
@@ -84,6 +90,8 @@ class TrainConfig:
 
             if self.policy in POLICIES:
                 self.lr = default_lr(self.policy)
+        if self.max_sampling_rounds == 0:  # equal rewards mean zero advantage only under a group baseline
+            self.max_sampling_rounds = 3 if self.baseline in ("rloo", "grpo") else 1
 
 
 CHOICES = {
@@ -150,6 +158,8 @@ def make_config(values: dict) -> TrainConfig:
             raise ConfigError(f"config key {key!r} must be one of {allowed}, got {checked[key]!r}")
     if "lr" in checked and not checked["lr"] > 0:  # unset (0), it is the policy's own; given, it must be usable
         raise ConfigError(f"config key 'lr' must be > 0, got {checked['lr']}")
+    if "warmup_steps" not in checked:  # the default's warmup, never longer than the run
+        checked["warmup_steps"] = min(TrainConfig.warmup_steps, checked.get("steps", TrainConfig.steps))
     config = TrainConfig(**checked)
     check_ranges(config)
     return config
@@ -163,7 +173,7 @@ def check_ranges(config: TrainConfig) -> None:
             raise ConfigError(f"config key {f.name!r} must be a finite number, got {value}")
     positive = ("prompts_per_step", "generations_per_prompt", "max_new_tokens", "steps", "micro_batch_size",
                 "eval_size", "test_size", "eval_batch_size", "save_every", "train_size", "eval_every",
-                "max_bad_steps", "vllm_max_model_len")
+                "max_bad_steps", "vllm_max_model_len", "max_sampling_rounds")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"config key {key!r} must be at least 1, got {getattr(config, key)}")
@@ -179,6 +189,9 @@ def check_ranges(config: TrainConfig) -> None:
     if config.baseline in ("rloo", "grpo") and config.generations_per_prompt < 2:
         raise ConfigError(f"config key 'generations_per_prompt' must be at least 2 with baseline "
                           f"{config.baseline!r}, whose advantage is 0 for a lone completion; or use baseline=mean")
+    if config.max_sampling_rounds > 1 and config.baseline not in ("rloo", "grpo"):
+        raise ConfigError(f"config key 'max_sampling_rounds' > 1 drops groups whose rewards all agree, which carry no "
+                          f"signal only under a group baseline: use baseline rloo or grpo, not {config.baseline!r}")
     svf_only = {"forward_strategy": "auto", "weight_cache": "all"}
     for key, default in svf_only.items():
         if config.policy != "svf" and getattr(config, key) != default:

@@ -70,9 +70,9 @@ def sample_rows(rows: list[dict], size: int, seed: int) -> list[dict]:
     return rows[:size]
 
 
-def check_reward_columns(task: Task, row: dict) -> None:
-    """Fail before training when a reward function needs a column the task's rows lack."""
-    for func in task.reward_funcs:
+def check_reward_columns(task: Task, row: dict, reward_funcs: Sequence | None = None) -> None:
+    """Fail before training when a reward function (the task's, or those given) needs a column the rows lack."""
+    for func in task.reward_funcs if reward_funcs is None else reward_funcs:
         try:
             parameters = inspect.signature(func).parameters.values()
         except (TypeError, ValueError):
@@ -100,13 +100,13 @@ def describe_task(name: str) -> str:
     return doc.strip().splitlines()[0] if doc else ""
 
 
-def _import_reference(reference: str):
+def _import_reference(reference: str, kind: str = "task"):
     where, _, attr = reference.rpartition(":")
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
-            raise FileNotFoundError(f"task file not found: {where}")
-        module_name = f"svf_rl_user_task_{path.stem}"
+            raise FileNotFoundError(f"{kind} file not found: {where}")
+        module_name = f"svf_rl_user_{kind.replace(' ', '_')}_{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
@@ -114,15 +114,29 @@ def _import_reference(reference: str):
             spec.loader.exec_module(module)
         except Exception as err:  # the user's file: a syntax error or anything it raises at import
             del sys.modules[module_name]
-            raise TaskError(f"task file {where} failed to import: {type(err).__name__}: {err}") from None
+            raise TaskError(f"{kind} file {where} failed to import: {type(err).__name__}: {err}") from None
     else:
         try:
             module = importlib.import_module(where)
         except (ImportError, ValueError) as err:
-            raise TaskError(f"cannot import task module {where!r}: {err}") from None
+            raise TaskError(f"cannot import {kind} module {where!r}: {err}") from None
     if not hasattr(module, attr):
         raise TaskError(f"{where} has no attribute {attr!r}")
     return getattr(module, attr)
+
+
+def load_reward(reference: str):
+    """A reward function from `module:function` or `path/to/file.py:function` (config key `rewards`)."""
+    if ":" not in reference:
+        raise TaskError(f"reward {reference!r} must be module:function or path/to/file.py:function "
+                        f"(e.g. reward_fns.control:coin_flip)")
+    try:
+        func = _import_reference(reference, "reward")
+    except FileNotFoundError as err:
+        raise TaskError(str(err)) from None
+    if not callable(func):
+        raise TaskError(f"reward {reference!r} is not a function")
+    return func
 
 
 def load_task(spec: str, args: dict | None = None) -> Task:

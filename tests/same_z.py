@@ -22,7 +22,7 @@ import math
 import torch
 
 GRADIENT_RTOL = 1e-3
-EQUALITY = dict(optimizer="sgd", momentum=0.5)  # what a compared run's config sets; lr is the test's
+EQUALITY = dict(optimizer="sgd", momentum=0.5, lr_schedule="constant", warmup_steps=0)  # lr: the test's
 
 
 def z_bound(grad_norms: list[float], lr: float, max_grad_norm: float, momentum: float) -> float:

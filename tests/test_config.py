@@ -100,6 +100,13 @@ def test_value_that_cannot_run_names_its_key_in_one_line(overrides, key):
     assert "\n" not in str(err.value)
 
 
+def test_settings_left_unset_follow_the_ones_given():
+    assert load_config(None, ["steps=2"]).warmup_steps == 2  # the default's warmup, never longer than the run
+    assert load_config(None, []).max_sampling_rounds == 3  # dynamic sampling under the default's RLOO
+    assert load_config(None, ["baseline=mean"]).max_sampling_rounds == 1  # no group baseline: nothing to drop
+    assert load_config(None, ["baseline=grpo", "max_sampling_rounds=1"]).max_sampling_rounds == 1
+
+
 def test_edge_values_that_can_run_are_accepted():
     config = load_config(None, ["temperature=0.01", "top_p=1", "kl_coef=0", "steps=10", "warmup_steps=10",
                                 "engine_ratio_cap=0", "threads=0", "seed=0", "weight_decay=0",

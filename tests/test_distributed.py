@@ -179,3 +179,22 @@ def test_two_processes_train_the_same_lora_as_one_process(backend, single_lora_r
         want = adapter_at(single_lora_run, 3)
         got = adapter_at(run, 3)
         assert_same_z(got, want, reference[:3], config, from_zero_b(want))
+
+
+def test_dynamic_sampling_keeps_and_deals_the_same_groups_whatever_the_number_of_processes(tiny_model_dir, tmp_path):
+    from tests.test_train import SPLIT_TASK
+
+    (tmp_path / "split_task.py").write_text(SPLIT_TASK)
+    settings = dict(COMPARED, task=f"{tmp_path / 'split_task.py'}:SplitTask", baseline="rloo", max_sampling_rounds=4,
+                    train_size=16, steps=2, save_every=2, eval_every=2)
+    single = tiny_config(tiny_model_dir, tmp_path / "single", **settings)
+    train(single)
+    double = tiny_config(tiny_model_dir, tmp_path / "double", **settings)
+    launch("ddp", double, 29561)
+    reference, steps = step_metrics(Path(single.output_dir)), step_metrics(Path(double.output_dir))
+    assert all(s["sampling_rounds"] > 1 for s in reference)  # the even problems' groups were replaced
+    for got, want in zip(steps, reference, strict=True):
+        assert (got["sampling_rounds"], got["informative_groups"]) == (want["sampling_rounds"],
+                                                                         want["informative_groups"])
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert_same_z(z_at(Path(double.output_dir), 2), z_at(Path(single.output_dir), 2), reference, double)

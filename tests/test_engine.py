@@ -61,3 +61,27 @@ def test_sampled_log_probs_follow_the_tokens(model_and_tokenizer):
         engine_logp[row, :len(c.logprobs)] = torch.tensor(c.logprobs)
     # top-p renormalises over the nucleus: the sampler's log-prob is never below the full softmax's.
     assert (((engine_logp - logp) * mask) >= -1e-4).all()
+
+
+def test_a_prompts_completions_share_one_prefill_and_sample_the_policy_exactly(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = HFEngine(model, tokenizer)
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    torch.manual_seed(2)
+    prompts = [tokenizer("Hi")["input_ids"], tokenizer("Count from one to ten, slowly and clearly")["input_ids"]]
+    try:
+        completions = engine.generate(prompts, Sampling(n=4, temperature=1.0, max_new_tokens=6))
+    finally:
+        hook.remove()
+    longest = max(map(len, prompts))
+    assert widths[0] == (2, longest - 1)  # the left-padded prompts run once, not once per completion
+    assert all(rows == 8 and width == 1 for rows, width in widths[1:])  # then one token per completion
+    assert [c.prompt_ids for c in completions] == [prompts[0]] * 4 + [prompts[1]] * 4
+    logp, mask = trainer_logprobs(model, completions, tokenizer.pad_token_id, 1.0)
+    engine_logp = torch.zeros_like(logp)
+    for row, c in enumerate(completions):
+        engine_logp[row, :len(c.logprobs)] = torch.tensor(c.logprobs)
+    # Positions and padding of the shared cache are the full forward's: the sampler's log-probs are the policy's.
+    assert ((engine_logp - logp).abs() * mask).max().item() < 1e-4

@@ -268,3 +268,115 @@ def test_evaluation_generates_in_batches_of_eval_batch_size(tiny_model_dir, tmp_
                             AutoTokenizer.from_pretrained(tiny_model_dir))
     result = evaluate(task, task.rows("test", 7, 0), engine.tokenizer, engine, config, Accelerator(cpu=True))
     assert calls == [3, 3, 1] and result["n"] == 7
+
+
+SPLIT_TASK = '''
+from reward_fns.text import completion_text
+from svf_rl.task import Task
+
+
+def odd_ones_vary(prompts, completions, number, **_):
+    # Even problems pay the same whatever is written: their groups carry no signal.
+    texts = [completion_text(c) for c in completions]
+    return [0.5 if n % 2 == 0 else sum(map(ord, t)) % 7 / 7 for n, t in zip(number, texts)]
+
+
+class SplitTask(Task):
+    name = "split"
+    reward_funcs = [odd_ones_vary]
+
+    def rows(self, split, size, seed):
+        return [{"question": f"Say something about {i}.", "number": i} for i in range(size)]
+
+    def user_message(self, row):
+        return row["question"]
+'''
+
+
+def spy_on_updates(monkeypatch) -> list:
+    """The completions and advantages each update is given (the update itself runs unchanged)."""
+    import svf_rl.loop.train as trainer
+
+    seen, real = [], trainer.update_policy
+
+    def spy(run, completions, advantage):
+        seen.append((completions, advantage.clone()))
+        return real(run, completions, advantage)
+
+    monkeypatch.setattr(trainer, "update_policy", spy)
+    return seen
+
+
+@pytest.mark.parametrize("rounds", [1, 4])
+def test_dynamic_sampling_updates_on_groups_whose_rewards_differ_and_draws_more(rounds, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    (tmp_path / "split_task.py").write_text(SPLIT_TASK)
+    seen = spy_on_updates(monkeypatch)
+    config = tiny_config(tiny_model_dir, tmp_path, task=f"{tmp_path / 'split_task.py'}:SplitTask", steps=3,
+                         prompts_per_step=4, generations_per_prompt=4, train_size=16, baseline="rloo", kl_coef=0,
+                         max_sampling_rounds=rounds)
+    train(config)
+    steps = [r for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if "reward" in r]
+    for completions, advantage in seen:
+        groups = advantage.view(-1, 4)
+        informative = int((groups.abs().sum(1) > 0).sum())
+        if rounds == 1:  # every group as sampled, the even problems' with zero advantage among them
+            assert len(completions) == 16 and informative < 4
+        else:  # only groups that carry signal, topped up from further rollouts: the even problems are gone
+            assert len(completions) == 16 and informative == 4
+    if rounds > 1:
+        assert all(r["sampling_rounds"] >= 2 and 0 < r["informative_groups"] < 1 for r in steps)
+        assert all(r["rollout_tok_s"] > 0 for r in steps)
+    else:
+        assert "sampling_rounds" not in steps[0]
+
+
+def test_a_group_baseline_is_needed_for_dynamic_sampling():
+    from svf_rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^config key 'max_sampling_rounds' > 1 drops groups"):
+        load_config(None, ["max_sampling_rounds=3", "baseline=mean"])
+
+
+def test_a_run_on_coin_flip_rewards_trains_on_the_coin_and_scores_on_the_task(tiny_model_dir, tmp_path):
+    import numpy as np
+
+    from reward_fns.control import coin_flip
+
+    np.random.seed(0)
+    flips = coin_flip(None, ["the same answer"] * 4000)
+    assert set(flips) == {0.0, 1.0} and abs(np.mean(flips) - 0.5) < 0.03  # whatever the completion says
+    np.random.seed(0)
+    assert coin_flip(None, ["another answer"] * 4000) == flips  # seeded (and restored on resume) by numpy's state
+
+    plain = tiny_config(tiny_model_dir, tmp_path / "plain", steps=1, eval_every=1, kl_coef=0)
+    coin = tiny_config(tiny_model_dir, tmp_path / "coin", steps=1, eval_every=1, kl_coef=0,
+                       rewards="[reward_fns.control:coin_flip]")
+    train(plain), train(coin)
+    plain_metrics, coin_metrics = (read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (plain, coin))
+    # Held-out scores are the task's own: the base model scores the same under either reward.
+    assert plain_metrics[0]["base_test/accuracy"] == coin_metrics[0]["base_test/accuracy"]
+    step = next(r for r in coin_metrics if "reward" in r)
+    assert "reward/coin_flip" in step and "reward/says_yes" not in step
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("no_colon", "must be module:function"),
+    ("no_such_module_xyz:f", "cannot import reward module"),
+    ("reward_fns.control:no_such_function", "has no attribute"),
+    ("missing_file.py:f", "reward file not found"),
+])
+def test_a_bad_reward_reference_fails_in_one_line_before_the_model_loads(reference, message, capsys, monkeypatch,
+                                                                         tmp_path):
+    import svf_rl.base_model
+    import svf_rl.loop.train
+    from svf_rl.cli import main
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model loaded for a run that cannot train")
+
+    monkeypatch.setattr(svf_rl.loop.train, "load_base_model", must_not_run)
+    monkeypatch.setattr(svf_rl.base_model, "load_base_model", must_not_run)
+    assert main(["train", f"rewards=[{reference}]", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

@@ -163,6 +163,14 @@ class HFEngine:
             completions += self._generate(prompts[start:start + per_call], sampling)
         return completions
 
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
+        """The prompts' KV cache, repeated for each completion; positions counted as generate() counts them."""
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        cache = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(repeats)
+        return cache
+
     def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         greedy = sampling.temperature == 0
@@ -172,10 +180,16 @@ class HFEngine:
                                    num_return_sequences=sampling.n, pad_token_id=self.tokenizer.pad_token_id,
                                    eos_token_id=sorted(self.eos_ids), num_beams=1,
                                    **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
+        shared = {}
+        if sampling.n > 1 and ids.shape[1] > 1:  # each prompt's keys and values once, shared by its n completions
+            shared["past_key_values"] = self._prefill(ids[:, :-1], mask[:, :-1], sampling.n)
+            ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
+            options.num_return_sequences = 1
         with neutral_generation_defaults(self.model):
-            out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                                      generation_config=options,
-                                      logits_processor=LogitsProcessorList([distribution] if distribution else []))
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=options,
+                                      logits_processor=LogitsProcessorList([distribution] if distribution else []),
+                                      **shared)
         generated = out[:, ids.shape[1]:]
         logprobs = distribution.logprobs(out).tolist() if distribution else None
         completions = []

@@ -45,7 +45,7 @@ from svf_rl.run_files import (
     write_atomic,
 )
 from svf_rl.svd import model_fingerprint, weight_fingerprints
-from svf_rl.task import check_reward_columns, load_task, unique_rows
+from svf_rl.task import check_reward_columns, load_reward, load_task, unique_rows
 
 log = logging.getLogger("svf_rl")
 
@@ -143,6 +143,9 @@ def train(config: TrainConfig) -> Path:
             rows, conversations = sample_prompts(run, step)  # 1. this rank's share of the step's prompts
             completions, rollout_time = roll_out(run, conversations, step)  # 2. G completions each
             rewards, advantage, per_func = score(run, rows, conversations, completions, step, failures)  # 3.
+            sampling = {"rollout_s": rollout_time, "sampled_tokens": sum(len(c.ids) for c in completions)}
+            if config.max_sampling_rounds > 1:  # 3b. keep groups with signal, draw more (dynamic sampling)
+                completions, advantage = informative_groups(run, step, completions, rewards, failures, sampling)
             sums, sampler_gap, grad_norm, update_time = update_policy(run, completions, advantage)  # 4. loss, step
             check_step(run, step, grad_norm, failures)
             start = time.perf_counter()
@@ -151,7 +154,7 @@ def train(config: TrainConfig) -> Path:
             state.step = step
 
             record = step_record(run, step, rewards, per_func, sums, grad_norm, sampler_gap, completions,
-                                 {"rollout_s": rollout_time, "update_s": update_time, "sync_s": sync_time})
+                                 {**sampling, "update_s": update_time, "sync_s": sync_time})
             run.log(record)
             bar.update(job, advance=1, description=f"reward {record['reward']:.3f}  kl {record['kl']:.2e}  "
                                                    f"{run.policy.progress(record)}")
@@ -178,15 +181,18 @@ def setup(config: TrainConfig) -> Run:
 
     # Task first, so that bad data fails before the model loads.
     task = load_task(config.task, config.task_args)
-    reward_funcs = list(task.reward_funcs)
-    weights = config.reward_weights or list(task.reward_weights or [1.0] * len(reward_funcs))
+    # Trained on the task's rewards or those given; held-out scores stay the task's own.
+    reward_funcs = [load_reward(r) for r in config.rewards] or list(task.reward_funcs)
+    own_weights = None if config.rewards else task.reward_weights
+    weights = config.reward_weights or list(own_weights or [1.0] * len(reward_funcs))
     if len(weights) != len(reward_funcs):
         raise TrainingError(f"reward_weights has {len(weights)} entries; task {task.name!r} has "
                             f"{len(reward_funcs)} reward functions: {[reward_name(f) for f in reward_funcs]}")
     train_rows = task.rows("train", config.train_size, config.seed)
-    validation_rows = unique_rows(task, task.rows("validation", config.eval_size, config.seed), "validation")
-    test_rows = unique_rows(task, task.rows("test", config.test_size, config.seed), "test")
-    check_reward_columns(task, train_rows[0])
+    # The held-out problems do not depend on the seed: runs that differ in seed are scored on the same ones.
+    validation_rows = unique_rows(task, task.rows("validation", config.eval_size, HELDOUT_SEED), "validation")
+    test_rows = unique_rows(task, task.rows("test", config.test_size, HELDOUT_SEED), "test")
+    check_reward_columns(task, train_rows[0], reward_funcs)
     policy = make_policy(config)
     # The run directory, once the configuration and the task have passed their checks: bad input loses nothing.
     checkpoints = checkpoint_dirs(output_dir) if config.resume else []
@@ -245,13 +251,15 @@ def setup(config: TrainConfig) -> Run:
                tokenizer, policy, update, forward, engine, state, record, output_dir)
 
 
+HELDOUT_SEED = 0  # validation and test problems are drawn with it, whatever the run's seed
 CALIBRATION_PROMPTS = 64  # training prompts a policy may look at when it attaches (LoRA-drop's layer choice)
 
 
 def score_base_model(run: Run) -> None:
     config, state = run.config, run.state
     state.base_test = evaluate(run.task, run.test_rows, run.tokenizer, run.engine, config, run.accelerator)
-    run.log({"step": 0, **{f"base_test/{k}": v for k, v in state.base_test.items()}})
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in run.policy.parameters())  # ZeRO-3: whole
+    run.log({"step": 0, **{f"base_test/{k}": v for k, v in state.base_test.items()}, "trainable_parameters": trainable})
     report(run.accelerator, "base model, test", state.base_test)
     if config.base_eval_max_new_tokens > config.max_new_tokens:  # how much is skill, not brevity
         generous = evaluate(run.task, run.test_rows, run.tokenizer, run.engine, config, run.accelerator,
@@ -262,19 +270,20 @@ def score_base_model(run: Run) -> None:
         report(run.accelerator, f"base model, test, {config.base_eval_max_new_tokens} new tokens", generous)
 
 
-def sample_prompts(run: Run, step: int) -> tuple[list[dict], list[list[dict]]]:
-    """The step's prompts, the same on every rank; each rank keeps its share."""
+def sample_prompts(run: Run, step: int, round: int = 1) -> tuple[list[dict], list[list[dict]]]:
+    """The step's prompts (for its `round`-th rollout), the same on every rank; each rank keeps its share."""
     config, rank, world = run.config, run.accelerator.process_index, run.accelerator.num_processes
-    rows = random.Random(config.seed * 1_000_003 + step).sample(run.train_rows, config.prompts_per_step)
-    rows = rows[rank::world]
+    draw = random.Random(config.seed * 1_000_003 + step if round == 1 else f"{config.seed}/{step}/{round}")
+    rows = draw.sample(run.train_rows, config.prompts_per_step)[rank::world]
     return rows, [run.task.prompt(row) for row in rows]
 
 
-def roll_out(run: Run, conversations: list[list[dict]], step: int) -> tuple[list, float]:
+def roll_out(run: Run, conversations: list[list[dict]], step: int, round: int = 1) -> tuple[list, float]:
     config, rank, world = run.config, run.accelerator.process_index, run.accelerator.num_processes
     prompts = [chat_ids(run.tokenizer, messages) for messages in conversations]
     start = time.perf_counter()
-    seeds = [hash((config.seed, step, i)) % 2**31 for i in range(config.prompts_per_step)][rank::world]
+    key = (config.seed, step) if round == 1 else (config.seed, step, round)
+    seeds = [hash((*key, i)) % 2**31 for i in range(config.prompts_per_step)][rank::world]
     completions = run.engine.generate(prompts, Sampling(config.generations_per_prompt, config.temperature,
                                                         config.top_p, config.max_new_tokens,
                                                         seeds if config.seeded_rollouts else None))
@@ -303,6 +312,46 @@ def score(run: Run, rows: list[dict], conversations: list[list[dict]], completio
     return all_rewards, advantage[accelerator.process_index], per_func
 
 
+def informative_groups(run: Run, step: int, completions: list, rewards: torch.Tensor, failures: dict,
+                       sampling: dict) -> tuple[list, torch.Tensor]:
+    """Dynamic sampling (DAPO): a group whose rewards all agree has zero advantage and no policy gradient, so it is
+    dropped, and further prompts are rolled out (up to max_sampling_rounds rollouts in the step) until
+    prompts_per_step groups differ. Chosen in the prompts' order from every rank's groups, so the same whatever the
+    number of processes, and dealt out as whole groups, as many on every rank. With none, the first groups stay,
+    as without it. Returns this rank's completions and advantages."""
+    config, rank, world = run.config, run.accelerator.process_index, run.accelerator.num_processes
+    first = groups = all_groups(run, completions, rewards)
+    kept, sampled, round = [], 0, 1
+    while True:
+        kept += [(group, r) for group, r in groups if r.max() > r.min()]
+        sampled += len(groups)
+        if len(kept) >= config.prompts_per_step or round == config.max_sampling_rounds:
+            break
+        round += 1
+        rows, conversations = sample_prompts(run, step, round)
+        completions, seconds = roll_out(run, conversations, step, round)
+        rewards, _, _ = score(run, rows, conversations, completions, step, failures)
+        groups = all_groups(run, completions, rewards)
+        sampling["rollout_s"] += seconds
+        sampling["sampled_tokens"] += sum(len(c.ids) for c in completions)
+    sampling.update(sampling_rounds=round, informative_groups=len(kept) / sampled)
+    kept = kept[:config.prompts_per_step]
+    kept = kept[:len(kept) // world * world] or first
+    advantage = advantages(torch.cat([r for _, r in kept]), config.generations_per_prompt, config.baseline)
+    mine = range(rank, len(kept), world)
+    return [c for i in mine for c in kept[i][0]], advantage.view(len(kept), -1)[rank::world].reshape(-1)
+
+
+def all_groups(run: Run, completions: list, rewards: torch.Tensor) -> list[tuple[list, torch.Tensor]]:
+    """Every rank's (completions, rewards) per prompt, in the order the prompts were drawn: rank r holds prompts
+    r, r + world, ... (`sample_prompts`), and `rewards` are gathered rank by rank."""
+    group, world = run.config.generations_per_prompt, run.accelerator.num_processes
+    per_rank = [[part[i:i + group] for i in range(0, len(part), group)] for part in gather_object([completions])]
+    per_rank_rewards = rewards.view(world, -1, group)
+    return [(per_rank[p % world][p // world], per_rank_rewards[p % world][p // world])
+            for p in range(sum(map(len, per_rank)))]
+
+
 def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple[dict, float | None, float, float]:
     """REINFORCE + β·KL on the policy's parameters, in micro-batches of whole groups; each group's prompt runs once
     (shared prefix). Returns the step's loss, KL and entropy, the sampler gap, the gradient norm and the time."""
@@ -318,7 +367,7 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
     shared = group if forward.shared_prefix else 1
     # Normalised by the whole step's counts, so the ranks' gradients add up to the single-process one.
     total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
-    sequences = config.prompts_per_step * group
+    sequences = int(accelerator.reduce(torch.tensor(len(batch), device=accelerator.device), "sum"))
     engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
     sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
     sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
@@ -387,6 +436,7 @@ def step_record(run: Run, step: int, rewards: torch.Tensor, per_func: dict, sums
     params = run.policy.parameters()
     checksum = accelerator.gather(torch.cat([p.detach().double().flatten() for p in params]).sum()[None])
     generated = sum(len(c.ids) for c in completions)
+    sampled = times.pop("sampled_tokens", generated)  # every rollout's tokens, with dynamic sampling's extra
     all_per_func = {name: sum((part[name] for part in gather_object([per_func])), []) for name in per_func}
     return {
         "step": step, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -395,7 +445,7 @@ def step_record(run: Run, step: int, rewards: torch.Tensor, per_func: dict, sums
         "completion_len": generated / len(completions), "lr": run.update.lr(), "loss_scale": run.update.scale,
         "update_tokens": accelerator.reduce(torch.tensor(run.update_tokens, device=accelerator.device),
                                             "sum").item(),
-        **times, "rollout_tok_s": generated / max(times["rollout_s"], 1e-9),
+        **times, "rollout_tok_s": sampled / max(times["rollout_s"], 1e-9),
         "param_rank_spread": (checksum.max() - checksum.min()).item(),  # 0 unless the ranks' parameters diverged
         **({} if sampler_gap is None else {"sampler_logp_gap": sampler_gap}),
     }
