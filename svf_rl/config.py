@@ -189,6 +189,9 @@ def check_ranges(config: TrainConfig) -> None:
     if config.baseline in ("rloo", "grpo") and config.generations_per_prompt < 2:
         raise ConfigError(f"config key 'generations_per_prompt' must be at least 2 with baseline "
                           f"{config.baseline!r}, whose advantage is 0 for a lone completion; or use baseline=mean")
+    if not all(isinstance(r, str) and r for r in config.rewards):
+        raise ConfigError(f"config key 'rewards' must list module:function or file.py:function references, "
+                          f"got {config.rewards!r}")
     if config.max_sampling_rounds > 1 and config.baseline not in ("rloo", "grpo"):
         raise ConfigError(f"config key 'max_sampling_rounds' > 1 drops groups whose rewards all agree, which carry no "
                           f"signal only under a group baseline: use baseline rloo or grpo, not {config.baseline!r}")

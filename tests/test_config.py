@@ -93,6 +93,8 @@ def test_every_launch_config_loads():
     (["reward_weights=[true]"], "reward_weights"),
     (["baseline=grpo", "generations_per_prompt=1"], "generations_per_prompt"),  # the advantage is always 0
     (["baseline=rloo", "generations_per_prompt=1"], "generations_per_prompt"),
+    (["rewards=[1]"], "rewards"),
+    (["rewards=[[a, b]]"], "rewards"),
 ])
 def test_value_that_cannot_run_names_its_key_in_one_line(overrides, key):
     with pytest.raises(ConfigError, match=f"^config key '{key}' must ") as err:
