@@ -13,6 +13,8 @@ import yaml
 from svf_rl.base_model import EMBEDDED_MODEL
 from svf_rl.policies import POLICIES
 
+GROUP_BASELINES = ("rloo", "grpo")  # advantages within each prompt's group: equal rewards give zero
+
 
 @dataclass
 class TrainConfig:
@@ -91,7 +93,7 @@ class TrainConfig:
             if self.policy in POLICIES:
                 self.lr = default_lr(self.policy)
         if self.max_sampling_rounds == 0:  # equal rewards mean zero advantage only under a group baseline
-            self.max_sampling_rounds = 3 if self.baseline in ("rloo", "grpo") else 1
+            self.max_sampling_rounds = 3 if self.baseline in GROUP_BASELINES else 1
 
 
 CHOICES = {
@@ -186,13 +188,13 @@ def check_ranges(config: TrainConfig) -> None:
     weights = config.reward_weights
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
         raise ConfigError(f"config key 'reward_weights' must be a list of finite numbers, got {weights!r}")
-    if config.baseline in ("rloo", "grpo") and config.generations_per_prompt < 2:
+    if config.baseline in GROUP_BASELINES and config.generations_per_prompt < 2:
         raise ConfigError(f"config key 'generations_per_prompt' must be at least 2 with baseline "
                           f"{config.baseline!r}, whose advantage is 0 for a lone completion; or use baseline=mean")
     if not all(isinstance(r, str) and r for r in config.rewards):
         raise ConfigError(f"config key 'rewards' must list module:function or file.py:function references, "
                           f"got {config.rewards!r}")
-    if config.max_sampling_rounds > 1 and config.baseline not in ("rloo", "grpo"):
+    if config.max_sampling_rounds > 1 and config.baseline not in GROUP_BASELINES:
         raise ConfigError(f"config key 'max_sampling_rounds' > 1 drops groups whose rewards all agree, which carry no "
                           f"signal only under a group baseline: use baseline rloo or grpo, not {config.baseline!r}")
     svf_only = {"forward_strategy": "auto", "weight_cache": "all"}

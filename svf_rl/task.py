@@ -106,7 +106,7 @@ def _import_reference(reference: str, kind: str = "task"):
         path = Path(where)
         if not path.is_file():
             raise FileNotFoundError(f"{kind} file not found: {where}")
-        module_name = f"svf_rl_user_{kind.replace(' ', '_')}_{path.stem}"
+        module_name = f"svf_rl_user_{kind}_{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
