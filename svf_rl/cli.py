@@ -1,4 +1,5 @@
-"""Command line: svf-rl train | memory | eval | compose | merge | adapt | import-sakana | export | inspect | tasks."""
+"""Command line: svf-rl train | memory | eval | compose | merge | adapt | export-lora | import-sakana | export | inspect |
+tasks."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--task-args", help="the task's arguments as JSON (default: the expert's own)")
     evaluate.add_argument("--model", default=None, help="base model (default: the experts' own, or the embedded one)")
     evaluate.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
+    evaluate.add_argument("--mixing", choices=["sum", "anchored"], default="sum",
+                          help="sum: z' = Σ α_k z_k (Transformer²); anchored: z' = 1 + Σ α_k (z_k − 1), the base model at α = 0")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--size", type=int, default=200, help="problems drawn (each distinct one counted once)")
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
@@ -48,12 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--output", help="JSON file for the result (default: eval_<task>_<split>.json)")
+    evaluate.add_argument("--output", "-o", help="JSON file for the result (default: eval_<task>_<split>.json)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     mix = commands.add_parser("compose", help="mix experts into one: z' = Σ α_k z_k")
     mix.add_argument("experts", nargs="+", help="expert files")
     mix.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
     mix.add_argument("--alpha-file", help="JSON {module: [one weight per expert]} for per-module mixing")
+    mix.add_argument("--mixing", choices=["sum", "anchored"], default="sum",
+                     help="sum: z' = Σ α_k z_k (Transformer²); anchored: z' = 1 + Σ α_k (z_k − 1), the base model at α = 0")
     mix.add_argument("--output", "-o", required=True, help="expert file to write")
     mix.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     adapt = commands.add_parser("adapt", help="Transformer² two-pass inference over experts, on their tasks' mixture")
@@ -62,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("--classifier", help="classifier expert (strategy classifier)")
     adapt.add_argument("--describe", nargs="+", default=[], metavar="NAME=TEXT",
                        help="prompt strategy: what each category means, for the classification prompt")
+    adapt.add_argument("--task", nargs="+", default=[], metavar="NAME=TASK",
+                       help="the task of an expert that records none, or another (e.g. an import or composition)")
+    adapt.add_argument("--task-args", nargs="+", default=[], metavar="NAME=JSON", help="that task's arguments")
     adapt.add_argument("--model", help="base model (default: the experts' own)")
     adapt.add_argument("--split", default="test")
     adapt.add_argument("--size", type=int, default=100, help="problems of each expert's task")
@@ -72,20 +80,34 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("--elite-fraction", type=float, default=0.2)
     adapt.add_argument("--iterations", type=int, default=10)
     adapt.add_argument("--per-layer", action="store_true", help="few-shot: one α per expert and matrix")
+    adapt.add_argument("--mixing", choices=["sum", "anchored"], default="sum",
+                       help="sum: z' = Σ α_k z_k (Transformer²); anchored: z' = 1 + Σ α_k (z_k − 1), the base model at α = 0")
+    adapt.add_argument("--save-experts", metavar="DIR",
+                       help="few-shot: write each α found as an expert file and as compose's --alpha-file JSON")
+    adapt.add_argument("--prompts", metavar="FILE.jsonl",
+                       help="answer your own prompts ({\"prompt\": text} or {\"messages\": [...]} per line) instead "
+                            "of the experts' test problems; writes JSON lines")
     adapt.add_argument("--max-new-tokens", type=int, help="default: the largest of the experts' training budgets")
     adapt.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     adapt.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     adapt.add_argument("--seed", type=int, default=0)
-    adapt.add_argument("--output", help="JSON file for the result (default: adapt_<strategy>.json)")
+    adapt.add_argument("--output", "-o", help="JSON file for the result (default: adapt_<strategy>.json)")
     adapt.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     merge = commands.add_parser("merge", help="bake an expert or adapter into a plain Hugging Face model directory")
     merge.add_argument("expert", help="expert file, or a PEFT adapter directory")
     merge.add_argument("output_dir", help="new (or empty) directory for the merged model")
     merge.add_argument("--model", help="base model (default: the expert's or adapter's own)")
+    lora = commands.add_parser("export-lora", help="write an expert as a PEFT LoRA adapter of a given rank (servable "
+                                                   "per request by vLLM --enable-lora)")
+    lora.add_argument("expert", help="expert file")
+    lora.add_argument("output_dir", help="new (or empty) directory for the adapter")
+    lora.add_argument("--rank", type=int, required=True, help="LoRA rank: the largest |s_i (z_i - 1)| terms kept")
+    lora.add_argument("--model", help="base model (default: the expert's own)")
     sakana = commands.add_parser("import-sakana", help="convert Sakana's Transformer² policy_params.pt")
     sakana.add_argument("file", help="policy_params.pt: learnable_params_module_list.{i}, raw pre-sigmoid p")
     sakana.add_argument("--model", required=True, help="the base model it was trained on")
-    sakana.add_argument("--task", default="", help="task name to record")
+    sakana.add_argument("--task", default="", help="the task it was trained for (eval and adapt use its problems)")
+    sakana.add_argument("--task-args", help="that task's arguments as JSON")
     sakana.add_argument("--as-z", action="store_true", help="store z (composable) instead of their exact p")
     sakana.add_argument("--output", "-o", required=True, help="expert file to write")
     sakana.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
@@ -140,25 +162,35 @@ def main(argv: list[str] | None = None) -> int:
             result = run_eval(model, task, args.experts, args.alpha, task_args, split=args.split, size=args.size,
                               seed=args.seed, max_new_tokens=args.max_new_tokens, samples=args.samples,
                               temperature=args.temperature, engine=args.engine, dtype=args.dtype, output=output,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, mixing=args.mixing)
             print(json.dumps(result, indent=2))
             print(f"result written to {output}")
         elif args.command == "compose":
             from svf_rl.inference.compose import compose_files
 
-            written = compose_files(args.experts, args.output, args.alpha, args.alpha_file, args.overwrite)
+            written = compose_files(args.experts, args.output, args.alpha, args.alpha_file, args.overwrite,
+                                    args.mixing)
             print(f"composed expert written to {written}")
         elif args.command == "adapt":
-            from svf_rl.inference.adapt import CEM, parse_descriptions, run_adaptation, summary_line
+            from svf_rl.inference.adapt import CEM, parse_named, run_adaptation, summary_line
+            from svf_rl.task import parse_task_args
 
             cem = CEM(args.population, args.elite_fraction, args.iterations, args.per_layer, seed=args.seed)
-            output = args.output or f"adapt_{args.strategy}.json"
+            output = args.output or ("answers.jsonl" if args.prompts else f"adapt_{args.strategy}.json")
             result = run_adaptation(args.experts, args.strategy, args.model, args.classifier, args.split, args.size,
                                     args.seed, args.shots, args.shot_split, args.mixture_shots, cem,
                                     args.max_new_tokens, args.engine, args.dtype, output,
-                                    parse_descriptions(args.describe), args.overwrite)
-            print(summary_line(result))
-            print(f"per task: {result['per_task']}")
+                                    parse_named(args.describe), args.overwrite, parse_named(args.task, "--task", "TASK"),
+                                    {name: parse_task_args(text) for name, text in
+                                     parse_named(args.task_args, "--task-args", "JSON").items()},
+                                    args.mixing, args.save_experts, args.prompts)
+            if args.prompts:
+                print(f"{result['n']} answers; routes: {result['routes']}")
+            else:
+                print(summary_line(result))
+                print(f"per task: {result['per_task']}")
+            if args.save_experts:
+                print(f"the α found written to {args.save_experts}")
             print(f"result written to {output}")
         elif args.command == "merge":
             from svf_rl.inference.adapters import is_adapter_dir, merge_adapter
@@ -166,10 +198,20 @@ def main(argv: list[str] | None = None) -> int:
 
             merge = merge_adapter if is_adapter_dir(args.expert) else merge_expert
             print(f"merged model written to {merge(args.expert, args.output_dir, args.model)}")
+        elif args.command == "export-lora":
+            from svf_rl.inference.export_lora import export_lora
+
+            report = export_lora(args.expert, args.output_dir, args.rank, args.model)
+            print(f"rank-{report['rank']} LoRA adapter written to {args.output_dir}: {report['layers']} layers keep "
+                  f"{100 * report['kept_min']:.1f}% (least) to {100 * max(report['kept'].values()):.1f}% of "
+                  f"‖ΔW‖ (mean {100 * report['kept_mean']:.1f}%)")
         elif args.command == "import-sakana":
             from svf_rl.inference.sakana import import_file
 
-            expert, written = import_file(args.file, args.model, args.output, args.task, args.as_z, args.overwrite)
+            from svf_rl.task import parse_task_args
+
+            expert, written = import_file(args.file, args.model, args.output, args.task, args.as_z, args.overwrite,
+                                          parse_task_args(args.task_args))
             print(f"expert ({expert.parametrisation}) written to {written}")
         elif args.command == "export":
             from svf_rl.inference.export import export_checkpoint

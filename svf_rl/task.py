@@ -49,6 +49,11 @@ class Task:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages
 
+    def problem(self, row: dict) -> str:
+        """The problem a row poses, whatever instruction or prompt is put around it: its data, as canonical
+        JSON (override when rows carry more than the problem)."""
+        return json.dumps({k: v for k, v in row.items() if k != "prompt"}, sort_keys=True, default=str)
+
     def score(self, completion: str, row: dict) -> float:
         """Held-out metric of one greedy completion, in [0, 1]. Defaults to the first reward function."""
         columns = {k: [v] for k, v in row.items() if k != "prompt"}

@@ -36,6 +36,9 @@ class ReasoningGym(Task):
     def split_key(self, entry: dict) -> str:
         return entry["question"]
 
+    def problem(self, row: dict) -> str:
+        return f"{self.dataset}:{self.split_key(row['entry'])}"  # not the draw's index in the metadata
+
     def rows(self, split: str, size: int, seed: int) -> list[dict]:
         if split not in ("train", "validation", "test"):
             raise TaskError(f"{self.name} has splits train, validation and test, not {split!r}")

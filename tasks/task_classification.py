@@ -35,7 +35,7 @@ class TaskClassification(Task):
 
     def rows(self, split: str, size: int, seed: int) -> list[dict]:
         per_label = -(-size // len(self.labels))
-        rows = [{"text": task.user_message(row), "label": label, "labels": self.labels}
+        rows = [{"text": task.user_message(row), "label": label, "labels": self.labels, "problem": task.problem(row)}
                 for label, task in self.sources.items() for row in task.rows(split, per_label, seed)]
         return sample_rows(rows, size, seed)
 

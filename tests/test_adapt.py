@@ -8,9 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from svf_rl.cli import main
 from svf_rl.engines.hf import HFEngine, Sampling, chat_ids, generate_per_z
-from svf_rl.inference.adapt import BASE, CEM, Adapter, Item, check_disjoint, classifier_task, expert_name, mixture
+from svf_rl.inference.adapt import (BASE, CEM, Adapter, Item, check_disjoint, classifier_task, expert_name, mixture,
+                                    named_category, split_expert_arg)
 from svf_rl.inference.evaluate import experts_on_model
-from svf_rl.inference.expert import Expert, ExpertError, save_expert
+from svf_rl.inference.expert import Expert, ExpertError, load_expert, save_expert
+from svf_rl.loop.logprobs import TokenBatch
 from svf_rl.policies.svf_layer import load_z, svf_layers, z_vectors
 from svf_rl.svd import model_fingerprint
 from svf_rl.task import Task, load_task
@@ -69,19 +71,38 @@ def test_the_second_pass_batches_by_route_and_gives_each_prompt_its_routes_answe
     assert len(scores) == 6 and cost.tokens == sum(len(c.prompt_ids) + len(c.ids) for c in completions)
 
 
-def test_the_prompt_strategy_reads_the_category_and_sends_anything_else_to_the_base_model(sharp_model_dir):
+def test_an_answer_names_one_category_or_goes_to_the_base_model():
+    names = ["math", "code"]
+    assert named_category("\\boxed{code}", names) == "code" and named_category("Math.", names) == "math"
+    assert named_category("It is \\boxed{Math}.", names) == "math"
+    assert named_category("\\boxed{math} or maybe code", names) == "math"  # the box decides
+    for text in ("\\boxed{other (not math)}", "Other. Definitely not code.", "This is a code question, not math.",
+                 "\\boxed{math or code}", "\\boxed{poetry} though math is close", "\\boxed{other}", "no idea",
+                 "mathematics", ""):
+        assert named_category(text, names) == BASE, text
+
+
+def test_the_prompt_strategy_routes_each_prompt_and_reports_its_cost(sharp_model_dir):
     ad = adapter(sharp_model_dir, names=("math", "code"))
-    assert ad.category("\\boxed{code}") == "code"
-    assert ad.category("It is \\boxed{Math}.") == "math"
-    assert ad.category("\\boxed{poetry} though math is close") == BASE  # the box decides
-    assert ad.category("This is a code question, not math.") == "code"  # no box: the first named
-    assert ad.category("\\boxed{other}") == BASE and ad.category("no idea") == BASE
     task = load_task("arithmetic", {})
     items = [Item(task, row, "math") for row in task.rows("test", 3, 0)]
     result = ad.run("prompt", items)
     assert all(r in ("math", "code", BASE) for r in result.routes) and result.first.tokens > 0
     report = result.report(items)
     assert set(report) >= {"accuracy", "accuracy_low", "first_to_second_time", "routed_to_own_expert"}
+
+
+def test_an_expert_named_like_a_strategy_or_route_is_refused(sharp_model_dir):
+    for name in ("prompt", "few-shot", "classifier", "oracle", "base", "other"):
+        with pytest.raises(ExpertError, match=repr(name)):
+            adapter(sharp_model_dir, names=(name, "b"))
+
+
+def test_paths_with_an_equals_sign_are_paths(tmp_path):
+    assert split_expert_arg("runs/lr=1/expert.safetensors") == ("lr=1", "runs/lr=1/expert.safetensors")
+    assert split_expert_arg("fast=runs/lr=1/expert.safetensors") == ("fast", "runs/lr=1/expert.safetensors")
+    (tmp_path / "a=b.safetensors").write_text("")
+    assert split_expert_arg(str(tmp_path / "a=b.safetensors"))[1] == str(tmp_path / "a=b.safetensors")
 
 
 def test_a_classifier_trained_on_evaluated_prompts_is_refused(sharp_model_dir):
@@ -92,9 +113,15 @@ def test_a_classifier_trained_on_evaluated_prompts_is_refused(sharp_model_dir):
     task = classifier_task(classifier, ["a", "b"])
     arithmetic = load_task("arithmetic", {})
     train_items = [Item(arithmetic, row, "a") for row in arithmetic.rows("train", 30, 0)]
-    with pytest.raises(ExpertError, match="classifier's training prompts"):
+    with pytest.raises(ExpertError, match="classifier's training problems"):
         check_disjoint(classifier, task, train_items)
     check_disjoint(classifier, task, [Item(arithmetic, row, "a") for row in arithmetic.rows("test", 30, 0)])
+    # Sources that put another instruction around the same problems: the problems are compared, not the text.
+    reworded = {"a": ["arithmetic", {"instruction": "Reply with the number only.", "system_prompt": "Be terse."}],
+                "b": GCD}
+    classifier.config["task_args"] = {"sources": reworded}
+    with pytest.raises(ExpertError, match="30 of the 30 evaluated problems"):
+        check_disjoint(classifier, classifier_task(classifier, ["a", "b"]), train_items)
     with pytest.raises(ExpertError, match="not the categories"):
         classifier_task(classifier, ["a", "poetry"])
 
@@ -135,23 +162,29 @@ def test_few_shot_search_moves_towards_the_mixture_that_scores_best(sharp_model_
     assert alpha.shape == ((len(ad.modules), 2) if per_layer else (2,)) and ((0 <= alpha) & (alpha <= 1)).all()
     assert kept[0] == 1.0  # the first population holds each expert alone, b among them
     assert alpha.reshape(-1, 2)[:, 1].mean() > alpha.reshape(-1, 2)[:, 0].mean()
+    mean = trace[-1]["alpha_mean"]  # the search distribution follows the best candidates, not the worst
+    assert mean[1] > mean[0] + 0.2 and trace[-1]["mean_score"] > trace[0]["mean_score"]
+
+
+class Anything(Task):  # every answer is correct: only the likelihood tells candidates apart
+    name = "anything"
+
+    def user_message(self, row):
+        return row["q"]
+
+    def score(self, completion, row):
+        return 1.0
+
+
+def anything_shots():
+    return [Item(Anything(), {"q": q}, "a") for q in ("Name a colour.", "What is 3 + 4?", "Say hi.")]
 
 
 def test_equal_scores_go_to_the_alpha_under_which_correct_answers_are_likelier(sharp_model_dir):
     ad = adapter(sharp_model_dir)
-
-    class Anything(Task):  # every answer is correct: only the likelihood tells candidates apart
-        name = "anything"
-
-        def user_message(self, row):
-            return row["q"]
-
-        def score(self, completion, row):
-            return 1.0
-
-    rows = [{"q": q} for q in ("Name a colour.", "What is 3 + 4?", "Say hi.")]
+    rows = [item.row for item in anything_shots()]
     cem = CEM(population=6, iterations=1, seed=3)
-    alpha, trace, _ = ad.search_alpha([Item(Anything(), row, "a") for row in rows], cem, 5)
+    alpha, trace, _ = ad.search_alpha(anything_shots(), cem, 5)
     candidates = (torch.full((2,), 0.5) + 0.5 * torch.randn((6, 2), generator=torch.Generator().manual_seed(3))
                   ).clamp(0, 1)
     candidates[:3] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])  # each expert alone, and their mean
@@ -161,6 +194,69 @@ def test_equal_scores_go_to_the_alpha_under_which_correct_answers_are_likelier(s
     likelihoods = [ad.likelihood(a, [(list(p), list(c)) for p, c in pooled]) for a in candidates]
     assert torch.equal(alpha, candidates[max(range(6), key=likelihoods.__getitem__)])
     assert len(set(likelihoods)) == 6  # the candidates do differ
+
+
+def test_over_iterations_the_likeliest_of_equal_scores_is_kept_and_every_forward_is_counted(sharp_model_dir,
+                                                                                            monkeypatch):
+    ad = adapter(sharp_model_dir)
+    calls, generated = [], []
+    real_likelihood, real_generate = ad.likelihood, ad.engine.generate
+
+    def likelihood(alpha, pooled):
+        value = real_likelihood(alpha, pooled)
+        calls.append((alpha.clone(), [(tuple(p), tuple(c)) for p, c in pooled], value))
+        return value
+
+    def generate(prompts, sampling):
+        out = real_generate(prompts, sampling)
+        generated.extend(out)
+        return out
+
+    monkeypatch.setattr(ad, "likelihood", likelihood)
+    monkeypatch.setattr(ad.engine, "generate", generate)
+    alpha, trace, cost = ad.search_alpha(anything_shots(), CEM(population=6, iterations=4, seed=5), 5)
+    final = [(a, value) for a, pool, value in calls if pool == calls[-1][1]]
+    assert len(final) > 6 and torch.equal(alpha, max(final, key=lambda c: c[1])[0])  # over every candidate
+    forwards = sum(len(p) + len(c) for _, pool, _ in calls for p, c in pool)
+    assert cost.tokens == sum(len(c.prompt_ids) + len(c.ids) for c in generated) + forwards
+
+
+def test_likelihoods_run_on_the_models_device(sharp_model_dir, monkeypatch):
+    ad = adapter(sharp_model_dir)
+    moved, to = [], TokenBatch.to
+    monkeypatch.setattr(TokenBatch, "to", lambda batch, device: (moved.append(device), to(batch, device))[1])
+    prompt = prompts_of(ad.tokenizer, ["Say hi."])[0]
+    ad.likelihood(torch.tensor([0.5, 0.5]), [(prompt, [5, 6, 7])])
+    assert moved == [next(ad.model.parameters()).device]
+
+
+def test_a_search_that_fails_leaves_the_model_and_its_engine_on_the_policy(sharp_model_dir, monkeypatch):
+    ad = adapter(sharp_model_dir)
+    policy = {n: 1 + 0.05 * torch.randn(v.shape) for n, v in z_vectors(ad.model).items()}
+    load_z(ad.model, policy)
+    pushed = []
+    monkeypatch.setattr(ad.engine, "update_weights", lambda: pushed.append(z_vectors(ad.model)))
+
+    def interrupted(alpha, pooled):
+        load_z(ad.model, ad.mix(alpha))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ad, "likelihood", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ad.search_alpha(anything_shots(), CEM(population=4, iterations=2), 3)
+    assert all(torch.equal(z_vectors(ad.model)[n], policy[n]) for n in policy)
+    assert all(torch.equal(pushed[-1][n], policy[n]) for n in policy)  # what the engine was given last
+
+
+def test_experts_load_onto_one_model_twice(sharp_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir).eval()
+    first = experts_on_model(model, [random_expert(sharp_model_dir, 0, "a")], ["a"])
+    again = experts_on_model(model, [random_expert(sharp_model_dir, 1, "b")], ["b"])
+    assert first[0].vectors.keys() == again[0].vectors.keys()
+    other = random_expert(sharp_model_dir, 1, "b")
+    other.base_fingerprint = "0" * 32
+    with pytest.raises(ExpertError, match="fingerprint"):
+        experts_on_model(model, [other], ["c"])
 
 
 def test_expert_names_come_from_the_run_directory_or_are_given():
@@ -196,7 +292,7 @@ def test_adapt_command_runs_every_strategy_on_the_experts_tasks(sharp_model_dir,
         if strategy == "few-shot":
             assert set(result["alphas"]) == {"arith", "gcd"} and result["first_pass_seconds"] > 0
     assert main(["adapt", *common, "--strategy", "classifier", "--classifier", classifier, "--split", "train"]) == 2
-    assert "classifier's training prompts" in capsys.readouterr().err
+    assert "classifier's training problems" in capsys.readouterr().err
     assert main(["adapt", *common, "--strategy", "few-shot", "--shot-split", "test"]) == 2
     assert main(["adapt", a, a, "--strategy", "oracle"]) == 2  # two experts of one name
 
@@ -206,3 +302,46 @@ def test_the_mixture_holds_each_tasks_distinct_problems():
     items = mixture(tasks, "test", 5, 0)
     assert [i.category for i in items] == ["arith"] * 5 + ["gcd"] * 5
     assert len({i.question() for i in items}) == 10
+
+
+def test_adapt_answers_your_own_prompts_and_keeps_the_alpha_it_finds(sharp_model_dir, tmp_path, capsys):
+    a = write_expert(sharp_model_dir, tmp_path / "arith" / "expert.safetensors", 0, "arithmetic", {})
+    b = write_expert(sharp_model_dir, tmp_path / "gcd.safetensors", 1, *GCD)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 2 + 2?", "id": 7}) + "\n\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "GCD of 4 and 6?"}]}))
+    common = [a, b, "--model", sharp_model_dir, "--prompts", str(prompts)]
+    out = tmp_path / "answers.jsonl"
+    assert main(["adapt", *common, "--strategy", "prompt", "-o", str(out)]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(answers) == 2 and answers[0]["id"] == 7 and answers[1]["messages"][0]["content"] == "Be brief."
+    assert all(x["route"] in ("arith", "gcd", BASE) and isinstance(x["answer"], str) for x in answers)
+    assert main(["adapt", *common, "--strategy", "gcd", "-o", str(tmp_path / "gcd.jsonl")]) == 0
+    assert {json.loads(x)["route"] for x in (tmp_path / "gcd.jsonl").read_text().splitlines()} == {"gcd"}
+
+    # few-shot: one α for every prompt, searched on the experts' own tasks, kept as an expert and as compose's
+    # --alpha-file; the answers are that expert's own
+    kept, out = tmp_path / "found", tmp_path / "few.jsonl"
+    assert main(["adapt", *common, "--strategy", "few-shot", "--shots", "2", "--population", "4", "--iterations",
+                 "2", "--per-layer", "--mixing", "anchored", "--save-experts", str(kept), "-o", str(out)]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {x["route"] for x in answers} == {"mixture"} and len(answers[0]["alpha"]) > 1
+    found = load_expert(kept / "mixture.safetensors")
+    assert found.config["composition"]["mixing"] == "anchored"
+    assert main(["compose", a, b, "--alpha-file", str(kept / "mixture.alpha.json"), "--mixing", "anchored", "-o",
+                 str(tmp_path / "again.safetensors")]) == 0
+    again = load_expert(tmp_path / "again.safetensors")
+    assert all(torch.allclose(again.vectors[m], found.vectors[m], rtol=0, atol=1e-6) for m in found.vectors)
+    ad = adapter(sharp_model_dir, names=("arith", "gcd"), max_new_tokens=4)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines() if line]
+    from svf_rl.inference.adapt import UserPrompts
+
+    expected = greedy(ad, found.vectors, [chat_ids(ad.tokenizer, UserPrompts().prompt(r)) for r in rows], 4)
+    assert [x["answer"] for x in answers] == [ad.tokenizer.decode(ids, skip_special_tokens=True) for ids in expected]
+
+    capsys.readouterr()
+    assert main(["adapt", *common, "--strategy", "oracle"]) == 2 and "task" in capsys.readouterr().err
+    assert main(["adapt", *common, "--strategy", "prompt", "--save-experts", str(kept)]) == 2
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert main(["adapt", a, b, "--strategy", "prompt", "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert "line 2" in capsys.readouterr().err

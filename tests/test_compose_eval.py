@@ -26,6 +26,23 @@ def random_expert(model_dir, seed, task="t", targets="mlp", spread=0.5):
     return Expert(vectors, model_dir, fingerprint, targets, task)
 
 
+def test_anchored_mixing_is_the_base_plus_each_experts_change_and_a_shared_task_is_kept(tiny_model_dir):
+    a, b = random_expert(tiny_model_dir, 0, "math"), random_expert(tiny_model_dir, 1, "code")
+    for expert in (a, b):
+        expert.config = {"task": "arithmetic", "task_args": {"digits": 2}}
+    mixed = compose([a, b], [0.7, 0.3], mixing="anchored")
+    for name in a.vectors:
+        torch.testing.assert_close(mixed.vectors[name], 1 + 0.7 * (a.vectors[name] - 1) + 0.3 * (b.vectors[name] - 1))
+    assert all(torch.equal(z, torch.ones_like(z)) for z in compose([a, b], [0, 0], mixing="anchored").vectors.values())
+    assert all(not z.any() for z in compose([a, b], [0, 0]).vectors.values())  # the sum drives s to 0
+    assert mixed.config["composition"]["mixing"] == "anchored"
+    assert (mixed.config["task"], mixed.config["task_args"]) == ("arithmetic", {"digits": 2})  # both parts' task
+    b.config = {"task": "gcd"}
+    assert "task" not in compose([a, b], [0.5, 0.5]).config
+    with pytest.raises(ValueError, match="--mixing"):
+        compose([a, b], [0.5, 0.5], mixing="product")
+
+
 def test_composition_is_the_weighted_sum_and_records_its_parts(tiny_model_dir, tmp_path):
     a, b = random_expert(tiny_model_dir, 0, "math"), random_expert(tiny_model_dir, 1, "code")
     mixed = compose([a, b], [0.7, 0.3], ["a.safetensors", "b.safetensors"])

@@ -15,6 +15,7 @@ from svf_rl.inference.evaluate import model_with_experts
 from svf_rl.inference.expert import SIGMOID_RESCALED, ExpertError, describe_expert, load_expert, save_expert
 from svf_rl.inference.merge import merge_expert
 from svf_rl.inference.sakana import import_policy_params
+from svf_rl.policies.svf_layer import load_z, svf_layers
 from svf_rl.svd import model_fingerprint
 from svf_rl.targets import find_targets
 from tests.test_compose_eval import random_expert
@@ -78,11 +79,49 @@ def test_a_bf16_base_is_merged_in_bf16_with_w_rounded_once(tiny_model_dir, tmp_p
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.bfloat16
     name = find_targets(base, "mlp")[0]
-    U, s, Vh = torch.linalg.svd(base.get_submodule(name).weight.double(), full_matrices=False)
-    exact = (U * (s * expert.vectors[name].double())) @ Vh
+    W = base.get_submodule(name).weight.double()
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    d = s * (expert.vectors[name].double() - 1)
+    exact = W + (U * d) @ Vh
     got = merged.get_submodule(name).weight
-    # One rounding to bf16 (relative 2⁻⁹) of a product computed in fp32: within a few units of the last place.
-    assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+    # W' = W + ΔW rounded once to bf16 (2⁻⁹ of |W'|, doubled for slack), where ΔW comes from factors held in bf16
+    # (each rounded by 2⁻⁹): at most about 2⁻⁸ of Σₖ |Uᵢₖ dₖ Vₖⱼ| per element.
+    spread = (U.abs() * d.abs()) @ Vh.abs()
+    assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 2 ** -7 * spread + 1e-6).all()
+    at_one = merge_expert(save_expert(random_expert(str(tmp_path / "bf16"), 1, spread=0.0),
+                                      tmp_path / "one.safetensors"), tmp_path / "at_one")
+    unchanged = AutoModelForCausalLM.from_pretrained(at_one).get_submodule(name).weight
+    assert torch.equal(unchanged, base.get_submodule(name).weight)  # z = 1: W, bit for bit
+
+
+def test_in_bf16_merge_eval_and_adapt_compose_the_same_weights_and_z1_is_the_base(sharp_model_dir, tmp_path):
+    tiny_model_dir = sharp_model_dir  # logits that a change of the last bits can flip
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    base.save_pretrained(tmp_path / "bf16")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "bf16")
+    expert = random_expert(str(tmp_path / "bf16"), 2, spread=0.1)
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge_expert(save_expert(expert, tmp_path / "e.safetensors"), tmp_path / "merged")).eval()
+    svf_model, _, _ = model_with_experts(str(tmp_path / "bf16"), [expert], dtype="bfloat16")
+    ids = torch.randint(0, 1000, (4, 48), generator=torch.Generator().manual_seed(0))
+    layers = svf_layers(svf_model)
+    differing = sum(int((merged.get_submodule(n).weight != layer.weight_for_inference()).sum())
+                    for n, layer in layers.items()) / sum(layer.base.numel() for layer in layers.values())
+    agree = (logits(merged, ids).argmax(-1) == logits(svf_model, ids).argmax(-1)).float().mean().item()
+    # From bf16 factors alone (no W kept), as eval composed before:
+    for layer in layers.values():
+        layer.base, layer._policy_weight, layer._policy_z = None, None, None
+    before = (logits(merged, ids).argmax(-1) == logits(svf_model, ids).argmax(-1)).float().mean().item()
+    print(f"bf16: {100 * differing:.3f}% of weights and {100 * (1 - agree):.2f}% of argmax tokens differ "
+          f"(bf16 factors alone: {100 * (1 - before):.2f}%)")
+    assert differing == 0 and agree == 1.0 and before < agree
+    with_base, _, _ = model_with_experts(str(tmp_path / "bf16"), [], dtype="bfloat16")
+    ones = {n: torch.ones_like(layer.z) for n, layer in layers.items()}
+    at_one, _, _ = model_with_experts(str(tmp_path / "bf16"), [expert], dtype="bfloat16")
+    load_z(at_one, ones)
+    assert torch.equal(logits(at_one, ids), logits(with_base, ids))  # z = 1 is the base model, bit for bit
 
 
 def test_merge_refuses_bad_input_before_loading_anything(tiny_model_dir, tmp_path, capsys):
@@ -110,13 +149,13 @@ def sakana_file(model, path, seed=0):
     return state, names
 
 
-def sakana_weights(model, state, names):
-    """Their W' = U diag(s ⊙ σ(p)) Vᵀ · Σs / Σ(s ⊙ σ(p)), written out in fp64 into a copy of the base model."""
+def sakana_weights(model, state, names, max_mult=1.0):
+    """Their W' = U diag(s ⊙ m) Vᵀ · Σs / Σ(s ⊙ m) with m = σ(p)·max_mult, in fp64 into a copy of the base model."""
     with torch.no_grad():
         for i, name in enumerate(names):
             weight = model.get_submodule(name).weight
             U, s, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
-            m = torch.sigmoid(state[f"learnable_params_module_list.{i}"].double())
+            m = torch.sigmoid(state[f"learnable_params_module_list.{i}"].double()) * max_mult
             weight.copy_((U * (s * m)) @ Vh * (s.sum() / (s * m).sum()))
     return model
 
@@ -136,6 +175,9 @@ def test_a_sakana_expert_reproduces_their_weights_exactly(tiny_model_dir, tmp_pa
     ours, _, _ = model_with_experts(tiny_model_dir, [stored])
     assert (logits(ours, ids) - theirs).abs().max().item() < 1e-4
     assert (logits(base, ids) - theirs).abs().max().item() > 1e-2  # the test would see a wrong W'
+    for max_mult in (0.5, 2.0):  # their scale's max_mult cancels in the rescaling: the file's p alone gives W'
+        scaled = sakana_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), state, names, max_mult)
+        assert (logits(ours, ids) - logits(scaled, ids)).abs().max().item() < 1e-4
     as_z = import_policy_params(tmp_path / "policy_params.pt", base, tiny_model_dir, as_z=True)
     merged = merge_expert(save_expert(as_z, tmp_path / "z.safetensors"), tmp_path / "merged")
     assert (logits(AutoModelForCausalLM.from_pretrained(merged).eval(), ids) - theirs).abs().max().item() < 1e-4
@@ -169,7 +211,10 @@ def test_files_in_another_layout_are_refused_in_one_line(tiny_model_dir, tmp_pat
 def test_import_command_writes_an_expert_for_that_base(tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     sakana_file(base, tmp_path / "policy_params.pt")
-    assert main(["import-sakana", str(tmp_path / "policy_params.pt"), "--model", tiny_model_dir, "--task", "code",
-                 "-o", str(tmp_path / "code.safetensors")]) == 0
-    expert = load_expert(tmp_path / "code.safetensors")
-    assert expert.base_fingerprint == model_fingerprint(base) and expert.task == "code" and expert.targets == "mlp"
+    assert main(["import-sakana", str(tmp_path / "policy_params.pt"), "--model", tiny_model_dir, "--task",
+                 "arithmetic", "--task-args", '{"digits": 2}', "-o", str(tmp_path / "arith.safetensors")]) == 0
+    expert = load_expert(tmp_path / "arith.safetensors")
+    assert expert.base_fingerprint == model_fingerprint(base) and expert.task == "arithmetic"
+    assert expert.targets == "mlp"
+    # recorded as training records it, so eval and adapt find its problems
+    assert expert.config["task"] == "arithmetic" and expert.config["task_args"] == {"digits": 2}

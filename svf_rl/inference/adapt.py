@@ -13,6 +13,7 @@ The second pass generates with each prompt's z, one batch per distinct z, on any
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -115,20 +116,24 @@ class Adaptation:
 class Adapter:
     """A model with SVF layers, its experts (in z form, one per category) and an engine that generates."""
 
-    def __init__(self, model, tokenizer, experts: dict[str, Expert], engine, max_new_tokens: int = 64):
-        if not experts or BASE in experts or "other" in experts:
-            raise ExpertError(f"adaptation needs at least one expert, none named {BASE!r} or 'other'")
+    def __init__(self, model, tokenizer, experts: dict[str, Expert], engine, max_new_tokens: int = 64,
+                 mixing: str = "sum"):
+        taken = sorted(set(experts) & {*STRATEGIES, "other"})
+        if not experts or taken:
+            raise ExpertError(f"adaptation needs at least one expert, none named like a strategy or route "
+                              f"({taken[0]!r})" if taken else "adaptation needs at least one expert")
         self.model, self.tokenizer, self.engine = model, tokenizer, engine
-        self.experts, self.max_new_tokens = experts, max_new_tokens
+        self.experts, self.max_new_tokens, self.mixing = experts, max_new_tokens, mixing
         self.modules = list(next(iter(experts.values())).vectors)
         self.stack = {m: torch.stack([e.vectors[m].float() for e in experts.values()]) for m in self.modules}
 
     def mix(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
-        """z' = Σₖ αₖ zₖ; alpha [experts] or [matrices, experts]."""
+        """z' = Σₖ αₖ zₖ, or 1 + Σₖ αₖ (zₖ − 1) when anchored; alpha [experts] or [matrices, experts]."""
         alpha = torch.as_tensor(alpha, dtype=torch.float32)
-        if alpha.dim() == 1:
-            return {m: alpha @ self.stack[m] for m in self.modules}
-        return {m: alpha[i] @ self.stack[m] for i, m in enumerate(self.modules)}
+        rows = alpha.expand(len(self.modules), -1) if alpha.dim() == 1 else alpha
+        if self.mixing == "anchored":
+            return {m: 1 + row @ (self.stack[m] - 1) for row, m in zip(rows, self.modules, strict=True)}
+        return {m: row @ self.stack[m] for row, m in zip(rows, self.modules, strict=True)}
 
     def _prompts(self, items: list[Item]) -> list[list[int]]:
         return [chat_ids(self.tokenizer, item.task.prompt(item.row)) for item in items]
@@ -150,11 +155,9 @@ class Adapter:
         return [self.category(c.text) for c in completions], cost
 
     def category(self, text: str) -> str:
-        """The boxed category if there is one, else the first category named; anything else is the base."""
-        names = list(self.experts)
-        boxed = text.split("\\boxed{", 1)[1].split("}", 1)[0] if "\\boxed{" in text else None
-        found = first_label(boxed if boxed is not None else text, names)
-        return found if found is not None else BASE
+        """The category the answer names: the boxed text if there is a box, else the whole answer. An answer
+        that names "other", no category or several goes to the base model."""
+        return named_category(text, list(self.experts))
 
     def route_by_classifier(self, items: list[Item], classifier: Expert) -> tuple[list, PassCost]:
         task = classifier_task(classifier, list(self.experts))
@@ -181,43 +184,50 @@ class Adapter:
         prompts, saved = self._prompts(shots), z_vectors(self.model)
         correct: list[dict[tuple, None]] = [{} for _ in shots]  # per shot, correct completions (ordered set)
         cost, trace, best = PassCost(), [], None
-        for iteration in range(cem.iterations):
-            started = time.perf_counter()
-            candidates = (mean + std * torch.randn((cem.population, *shape), generator=generator)).clamp(0, 1)
-            if iteration == 0:
-                anchors = torch.cat([torch.eye(k), torch.full((1, k), 1.0 / k)])[:cem.population]
-                candidates[:len(anchors)] = anchors[:, None, :].expand(-1, *shape) if cem.per_layer else anchors
-            groups = generate_per_z(self.engine, [(self.mix(a), prompts) for a in candidates],
-                                    self._greedy(max_new_tokens))
-            accuracy = []
-            for completions in groups:
-                values = [safe_score(s.task, c.text, s.row) for s, c in zip(shots, completions, strict=True)]
-                for pool, c, value in zip(correct, completions, values, strict=True):
-                    if value >= 1.0:
-                        pool.setdefault(tuple(c.ids), None)
-                accuracy.append(sum(values) / len(values))
-                cost.tokens += sum(len(c.prompt_ids) + len(c.ids) for c in completions)
-            pooled = [(prompts[i], list(ids)) for i, pool in enumerate(correct) for ids in pool]
-            # Likelihoods only where a tie decides: among the top scores or at the elites' boundary.
-            ranked = sorted(accuracy, reverse=True)
-            deciding = {score for score in (ranked[0], ranked[cem.elites - 1]) if accuracy.count(score) > 1}
-            if best is not None and best[1] == ranked[0]:
-                deciding.add(ranked[0])
-            keys = [(acc, self.likelihood(a, pooled) if acc in deciding else 0.0)
-                    for acc, a in zip(accuracy, candidates, strict=True)]
-            cost.tokens += sum(acc in deciding for acc in accuracy) * sum(len(p) + len(c) for p, c in pooled)
-            order = sorted(range(cem.population), key=lambda i: keys[i], reverse=True)
-            elites = candidates[order[:cem.elites]]
-            mean, std = elites.mean(0), elites.std(0, unbiased=False).clamp(min=cem.min_std)
-            top = order[0]
-            if best is None or accuracy[top] > best[1] or (
-                    accuracy[top] == best[1] and keys[top][1] > self.likelihood(best[0], pooled)):
-                best = (candidates[top], accuracy[top])
-            cost.seconds += time.perf_counter() - started
-            trace.append({"iteration": iteration, "best_score": accuracy[top],
-                          "mean_score": sum(accuracy) / len(accuracy), "kept_score": best[1],
-                          "alpha_mean": (mean.mean(0) if cem.per_layer else mean).tolist()})
-        load_z(self.model, saved)  # the likelihoods left the last candidate's z in the model
+        try:
+            for iteration in range(cem.iterations):
+                started = time.perf_counter()
+                candidates = (mean + std * torch.randn((cem.population, *shape), generator=generator)).clamp(0, 1)
+                if iteration == 0:
+                    anchors = torch.cat([torch.eye(k), torch.full((1, k), 1.0 / k)])[:cem.population]
+                    candidates[:len(anchors)] = anchors[:, None, :].expand(-1, *shape) if cem.per_layer else anchors
+                groups = generate_per_z(self.engine, [(self.mix(a), prompts) for a in candidates],
+                                        self._greedy(max_new_tokens))
+                accuracy = []
+                for completions in groups:
+                    values = [safe_score(s.task, c.text, s.row) for s, c in zip(shots, completions, strict=True)]
+                    for pool, c, value in zip(correct, completions, values, strict=True):
+                        if value >= 1.0:
+                            pool.setdefault(tuple(c.ids), None)
+                    accuracy.append(sum(values) / len(values))
+                    cost.tokens += sum(len(c.prompt_ids) + len(c.ids) for c in completions)
+                pooled = [(prompts[i], list(ids)) for i, pool in enumerate(correct) for ids in pool]
+
+                def likelihood(alpha, pooled=pooled):  # its forwards are part of the first pass's cost
+                    cost.tokens += sum(len(p) + len(c) for p, c in pooled)
+                    return self.likelihood(alpha, pooled)
+
+                # Likelihoods only where a tie decides: among the top scores or at the elites' boundary.
+                ranked = sorted(accuracy, reverse=True)
+                deciding = {score for score in (ranked[0], ranked[cem.elites - 1]) if accuracy.count(score) > 1}
+                if best is not None and best[1] == ranked[0]:
+                    deciding.add(ranked[0])
+                keys = [(acc, likelihood(a) if acc in deciding else 0.0)
+                        for acc, a in zip(accuracy, candidates, strict=True)]
+                order = sorted(range(cem.population), key=lambda i: keys[i], reverse=True)
+                elites = candidates[order[:cem.elites]]
+                mean, std = elites.mean(0), elites.std(0, unbiased=False).clamp(min=cem.min_std)
+                top = order[0]
+                if best is None or accuracy[top] > best[1] or (
+                        accuracy[top] == best[1] and keys[top][1] > likelihood(best[0])):
+                    best = (candidates[top], accuracy[top])
+                cost.seconds += time.perf_counter() - started
+                trace.append({"iteration": iteration, "best_score": accuracy[top],
+                              "mean_score": sum(accuracy) / len(accuracy), "kept_score": best[1],
+                              "alpha_mean": (mean.mean(0) if cem.per_layer else mean).tolist()})
+        finally:  # the likelihoods leave a candidate's z in the model; the engine must hold the model's weights
+            load_z(self.model, saved)
+            self.engine.update_weights()
         return best[0], trace, cost
 
     @torch.no_grad()
@@ -226,10 +236,11 @@ class Adapter:
         if not pooled:
             return 0.0
         load_z(self.model, self.mix(alpha))
-        total = 0.0
+        device, total = next(self.model.parameters()).device, 0.0
         for start in range(0, len(pooled), 32):
             chunk = pooled[start:start + 32]
-            batch = make_token_batch([p for p, _ in chunk], [c for _, c in chunk], self.tokenizer.pad_token_id)
+            batch = make_token_batch([p for p, _ in chunk], [c for _, c in chunk], self.tokenizer.pad_token_id
+                                     ).to(device)
             logp = completion_logprobs(self.model, batch) * batch.completion_mask
             total += (logp.sum(1) / batch.completion_mask.sum(1).clamp(min=1)).sum().item()
         return total / len(pooled)
@@ -307,14 +318,15 @@ def classifier_task(classifier: Expert, categories: list[str]) -> Task:
 
 
 def check_disjoint(classifier: Expert, task: Task, items: list[Item]) -> None:
-    """Refuse a classifier whose training prompts include any evaluated prompt (Sakana's were drawn from the
-    test sets): its training rows are rebuilt from the seed and size its file records."""
+    """Refuse a classifier whose training rows hold any evaluated problem (Sakana's were drawn from the test
+    sets), whatever instruction either put around it: its training rows are rebuilt from the seed and size its
+    file records, and problems compared by their data (Task.problem)."""
     size, seed = int(classifier.config.get("train_size", 5000)), int(classifier.config.get("seed", 0))
-    seen = {row["text"] for row in task.rows("train", size, seed)}
-    overlap = sum(item.question() in seen for item in items)
+    seen = {row.get("problem", row["text"]) for row in task.rows("train", size, seed)}
+    overlap = sum(item.task.problem(item.row) in seen or item.question() in seen for item in items)
     if overlap:
-        raise ExpertError(f"{overlap} of the {len(items)} evaluated prompts were among the classifier's training "
-                          f"prompts; evaluate on a split it was not trained on")
+        raise ExpertError(f"{overlap} of the {len(items)} evaluated problems were among the classifier's training "
+                          f"problems; evaluate on a split it was not trained on")
 
 
 def mixture(tasks: dict[str, Task], split: str, size: int, seed: int) -> list[Item]:
@@ -336,6 +348,15 @@ def shot_sets(tasks: dict[str, Task], split: str, shots: int, seed: int, one_for
     return {"mixture": every[::len(tasks)] if len(every) > shots else every}
 
 
+def named_category(text: str, names: list[str]) -> str:
+    """The one category an answer names (whole words, any case): the first \\boxed{...} if there is one, else
+    the whole answer. "other", no category or several: the base model."""
+    boxed = re.search(r"\\boxed\{([^{}]*)\}", text)
+    where = boxed.group(1) if boxed else text
+    named = {name for name in [*names, "other"] if re.search(rf"\b{re.escape(name)}\b", where, re.IGNORECASE)}
+    return named.pop() if len(named) == 1 and "other" not in named else BASE
+
+
 def summary_line(result: dict) -> str:
     ratio = result["first_to_second_time"]
     extra = f", first pass {100 * ratio:.0f}% of the second" if ratio and not math.isnan(ratio) else ""
@@ -345,9 +366,9 @@ def summary_line(result: dict) -> str:
 
 def split_expert_arg(arg: str) -> tuple[str, str]:
     """(name, path) of an expert argument: NAME=PATH gives NAME; runs/x/expert.safetensors gives x; other
-    files their stem. A path that exists is a path, even with an "=" in it."""
-    if "=" in arg and not Path(arg).exists():
-        name, path = arg.split("=", 1)
+    files their stem. A path that exists, or whose "=" comes after a "/", is a path."""
+    name, sep, path = arg.partition("=")
+    if sep and not Path(arg).exists() and not any(ch in name for ch in "/\\"):  # runs/lr=1/... is a path
         return name, path
     parts = arg.replace("\\", "/").rstrip("/").split("/")
     stem = parts[-1].rsplit(".", 1)[0]
@@ -358,15 +379,23 @@ def expert_name(arg: str) -> str:
     return split_expert_arg(arg)[0]
 
 
-def parse_descriptions(items: list[str]) -> dict[str, str]:
-    """--describe NAME=TEXT ..."""
+def parse_named(items: list[str], option: str = "--describe", value: str = "TEXT") -> dict[str, str]:
+    """--describe NAME=TEXT ... (or another option's NAME=VALUE pairs), each name once."""
     if any("=" not in item for item in items):
-        raise ValueError(f"--describe takes NAME=TEXT, got {next(i for i in items if '=' not in i)!r}")
-    return dict(item.split("=", 1) for item in items)
+        raise ValueError(f"{option} takes NAME={value}, got {next(i for i in items if '=' not in i)!r}")
+    pairs = [item.split("=", 1) for item in items]
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{option} names {next(n for n in names if names.count(n) > 1)!r} twice")
+    return dict(pairs)
+
+
+parse_descriptions = parse_named
 
 
 def check_adaptation(names: list[str], strategy: str, classifier: str | None, split: str, size: int, shots: int,
-                     shot_split: str, max_new_tokens: int | None, engine: str, descriptions: dict[str, str]) -> None:
+                     shot_split: str, max_new_tokens: int | None, engine: str, descriptions: dict[str, str],
+                     task_specs: dict | None = None, task_args: dict | None = None) -> None:
     """One line for any argument `svf-rl adapt` cannot use, before a file is read or the model loads."""
     from svf_rl.inference.evaluate import check_engine
 
@@ -396,9 +425,19 @@ def check_adaptation(names: list[str], strategy: str, classifier: str | None, sp
     check_engine(engine)
     if descriptions and strategy != "prompt":
         raise ValueError(f"--describe is used only by --strategy prompt, not {strategy!r}")
-    unknown = sorted(set(descriptions) - set(names))
-    if unknown:
-        raise ValueError(f"--describe names {unknown[0]!r}, which is not an expert ({', '.join(names)})")
+    for option, given in (("--describe", descriptions), ("--task", task_specs), ("--task-args", task_args)):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(f"{option} names {unknown[0]!r}, which is not an expert ({', '.join(names)})")
+
+
+def expert_task(name: str, expert: Expert, specs: dict[str, str], args: dict[str, dict]) -> Task:
+    """The task whose problems an expert answers: as given for its name, else the one its file records."""
+    recorded = expert.config.get("task")
+    spec = specs.get(name) or recorded
+    if not spec:
+        raise ExpertError(f"{name} records no training task, so its problems are unknown; give --task {name}=TASK")
+    return load_task(spec, args.get(name, expert.config.get("task_args", {}) if spec == recorded else {}))
 
 
 def answer_budget(experts: dict[str, Expert]) -> int:
@@ -413,21 +452,97 @@ def answer_budget(experts: dict[str, Expert]) -> int:
     return max(budgets)
 
 
+class UserPrompts(Task):
+    """Prompts a user gives (`--prompts FILE.jsonl`): no task, no gold answer, nothing scored."""
+    name = "prompts"
+
+    def user_message(self, row: dict) -> str:
+        return row["prompt"]
+
+    def prompt(self, row: dict) -> list[dict]:
+        return row["messages"] if "messages" in row else super().prompt(row)
+
+    def score(self, completion: str, row: dict) -> float:
+        return 0.0
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """JSON lines, each {"prompt": text} or {"messages": [{"role", "content"}, ..., a user turn last]}, with any
+    other fields (kept in the answers); a line that is neither is one line naming it."""
+    import json
+
+    from svf_rl.inputs import check_input_file
+
+    path = check_input_file(path, "--prompts")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path} is not UTF-8 text") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--prompts {path} line {number}"
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{where} is not JSON: {err}") from None
+        if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
+            raise ValueError(f"{where} must be an object with either \"prompt\" or \"messages\"")
+        if "prompt" in row and not (isinstance(row["prompt"], str) and row["prompt"].strip()):
+            raise ValueError(f"{where}: \"prompt\" must be non-empty text")
+        messages = row.get("messages")
+        if messages is not None and not (
+                isinstance(messages, list) and messages
+                and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                        for m in messages) and messages[-1]["role"] == "user"):
+            raise ValueError(f"{where}: \"messages\" must be a list of {{role, content}} ending with a user turn")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"--prompts {path} holds no prompts")
+    return rows
+
+
+def found_experts(outcome: Adaptation, experts: dict[str, Expert], mixing: str) -> dict[str, tuple[Expert, object]]:
+    """Few-shot's α per route as (a composed expert, the weights in compose --alpha-file's format)."""
+    from svf_rl.inference.compose import compose
+
+    modules, found = list(next(iter(experts.values())).vectors), {}
+    for key, alpha in outcome.alphas.items():
+        weights = (alpha.tolist() if alpha.dim() == 1
+                   else {m: row.tolist() for m, row in zip(modules, alpha, strict=True)})
+        expert = compose(list(experts.values()), weights, list(experts), mixing)
+        expert.config["composition"]["found_by"] = {"strategy": "few-shot", "route": str(key),
+                                                    "search": outcome.search.get(key, [])[-1:]}
+        found[str(key)] = (expert, weights)
+    return found
+
+
 def run_adaptation(experts: list[str], strategy: str, model: str | None = None, classifier: str | None = None,
                    split: str = "test", size: int = 100, seed: int = 0, shots: int = 16,
                    shot_split: str = "validation", mixture_shots: bool = False, cem: CEM | None = None,
                    max_new_tokens: int | None = None, engine: str = "hf", dtype: str = "auto",
-                   output=None, descriptions: dict[str, str] | None = None, overwrite: bool = True) -> dict:
+                   output=None, descriptions: dict[str, str] | None = None, overwrite: bool = True,
+                   task_specs: dict[str, str] | None = None, task_args: dict[str, dict] | None = None,
+                   mixing: str = "sum", save_experts: str | Path | None = None,
+                   prompts: str | Path | None = None) -> dict:
     """`svf-rl adapt`: the experts (paths, or NAME=PATH) on a mixture of their own tasks' `split` (`size`
     problems each, from the task each expert's file records), with one strategy. few-shot searches one α
     per task on `shots` problems of `shot_split` (as the paper does), or one α for the whole mixture.
+
+    `prompts` (a JSON-lines file): answer those prompts instead, recording each one's route or α; they have no
+    task, so few-shot searches one α for all of them on the experts' tasks, and oracle cannot run. The output
+    is then JSON lines, one answer per prompt.
+
     Everything that the arguments and files can show wrong fails in one line before the model loads; the
-    JSON `output` replaces a file only with `overwrite`, an input never."""
+    output replaces a file only with `overwrite`, an input never. `task_specs` and `task_args` give an expert
+    (by name) its task where its file records none (an import, a mix of tasks) or another. `save_experts`:
+    a directory for few-shot's α, each as an expert file and as compose's --alpha-file JSON."""
     import json
 
-    from svf_rl.inference.compose import check_same_base
+    from svf_rl.inference.compose import check_mixing, check_same_base
     from svf_rl.inference.evaluate import experts_on_model, inference_engine, load_model
-    from svf_rl.inference.expert import base_model_for, load_expert
+    from svf_rl.inference.expert import base_model_for, load_expert, save_expert
     from svf_rl.run_files import write_atomic
 
     pairs = [split_expert_arg(e) for e in experts]
@@ -436,7 +551,15 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
         raise ExpertError("adaptation needs at least one expert")
     descriptions = descriptions or {}
     check_adaptation(names, strategy, classifier, split, size, shots, shot_split, max_new_tokens, engine,
-                     descriptions)
+                     descriptions, task_specs or {}, task_args or {})
+    check_mixing(mixing)
+    if prompts is not None and strategy == "oracle":
+        raise ValueError("--strategy oracle needs each prompt's task; your prompts have none (use prompt, "
+                         "classifier, few-shot, base or an expert's name)")
+    if save_experts is not None and strategy != "few-shot":
+        raise ValueError(f"--save-experts keeps what few-shot finds; --strategy {strategy} finds no α")
+    user_rows = read_prompts(prompts) if prompts is not None else None
+    inputs = paths + ([classifier] if classifier else []) + ([prompts] if prompts else [])
     loaded = [load_expert(p) for p in paths]
     classifier_expert = load_expert(classifier) if classifier else None
     check_same_base(loaded + ([classifier_expert] if classifier_expert else []),
@@ -444,27 +567,52 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
     model = base_model_for(loaded[0], paths[0], model)
     budget = max_new_tokens or answer_budget(dict(zip(names, loaded, strict=True)))
     if output is not None:
-        check_output(output, paths + ([classifier] if classifier else []), overwrite)
-    tasks = {}
-    for name, expert in zip(names, loaded, strict=True):
-        if not expert.config.get("task"):
-            raise ExpertError(f"{name} records no training task, so its test problems are unknown")
-        tasks[name] = load_task(expert.config["task"], expert.config.get("task_args", {}))
-    items = mixture(tasks, split, size, seed)  # bad task data fails here, before the model loads
+        check_output(output, inputs, overwrite)
+    mixture_shots = mixture_shots or user_rows is not None  # prompts without a task: one α for all of them
+    if user_rows is None or strategy == "few-shot":  # only then are the experts' tasks read
+        tasks = {name: expert_task(name, expert, task_specs or {}, task_args or {})
+                 for name, expert in zip(names, loaded, strict=True)}
+    if user_rows is not None:
+        items = [Item(UserPrompts(), row, "") for row in user_rows]
+    else:
+        items = mixture(tasks, split, size, seed)  # bad task data fails here, before the model loads
     shot_items = shot_sets(tasks, shot_split, shots, seed + 1, mixture_shots) if strategy == "few-shot" else None
     if not items or (shot_items is not None and not all(shot_items.values())):
         raise ExpertError(f"the experts' tasks hold no problems in the {split if not items else shot_split} split")
-    if classifier_expert is not None:  # its labels and training prompts, from its file
-        check_disjoint(classifier_expert, classifier_task(classifier_expert, names), items)
+    if save_experts is not None:
+        for key in shot_items:
+            for suffix in (".safetensors", ".alpha.json"):
+                check_output(Path(save_experts) / f"{key}{suffix}", inputs, overwrite)
+    if classifier_expert is not None:  # its labels, and for the experts' problems its training rows
+        task = classifier_task(classifier_expert, names)
+        if user_rows is None:
+            check_disjoint(classifier_expert, task, items)
     model_obj, tokenizer = load_model(model, dtype)
     together = experts_on_model(model_obj, loaded + ([classifier_expert] if classifier_expert else []),
                                 names + (["classifier"] if classifier_expert else []))
     rollouts = inference_engine(engine, model_obj, tokenizer, model, seed)
-    adapter = Adapter(model_obj, tokenizer, dict(zip(names, together[:len(names)], strict=True)), rollouts, budget)
+    in_z = dict(zip(names, together[:len(names)], strict=True))
+    adapter = Adapter(model_obj, tokenizer, in_z, rollouts, budget, mixing)
     outcome = adapter.run(strategy, items, together[-1] if classifier_expert else None, shot_items, cem,
                           descriptions)
+    found = found_experts(outcome, in_z, mixing)
+    if save_experts is not None:
+        for key, (expert, weights) in found.items():
+            save_expert(expert, Path(save_experts) / f"{key}.safetensors")
+            write_atomic(Path(save_experts) / f"{key}.alpha.json", json.dumps(weights, indent=1))
+    if user_rows is not None:
+        answers = [{**row, "route": route[1] if isinstance(route, tuple) else route, "answer": c.text,
+                    **({"alpha": outcome.alphas[route[1]].tolist()} if isinstance(route, tuple) else {})}
+                   for row, route, c in zip(user_rows, outcome.routes, outcome.completions, strict=True)]
+        result = {"strategy": strategy, "n": len(answers), "mixing": mixing, "answers": answers,
+                  "routes": {r: sum(a["route"] == r for a in answers) for r in sorted({a["route"] for a in answers})},
+                  "first_pass_seconds": outcome.first.seconds, "second_pass_seconds": outcome.second.seconds,
+                  "first_pass_tokens": outcome.first.tokens, "second_pass_tokens": outcome.second.tokens}
+        if output is not None:
+            write_atomic(Path(output), "".join(json.dumps(a) + "\n" for a in answers))
+        return result
     result = {"experts": dict(zip(names, paths, strict=True)), "split": split, "max_new_tokens": budget,
-              **outcome.report(items)}
+              "mixing": mixing, **outcome.report(items)}
     result["completions"] = [{"category": item.category, "route": str(route), "completion": c.text, "score": v}
                              for item, route, c, v in zip(items, outcome.routes, outcome.completions,
                                                           outcome.scores, strict=True)]

@@ -1,4 +1,7 @@
-"""Compose experts: z' = Σₖ αₖ zₖ, with one α per expert or one per expert and module."""
+"""Compose experts, with one α per expert or one per expert and module:
+- sum (Transformer²): z' = Σₖ αₖ zₖ; α → 0 drives every singular value to 0;
+- anchored: z' = 1 + Σₖ αₖ (zₖ − 1), the base model plus each expert's change; α → 0 is the base model.
+"""
 
 from __future__ import annotations
 
@@ -85,35 +88,56 @@ def read_alpha_file(path: str | Path) -> list | dict:
         raise ValueError(f"--alpha-file {path} is not JSON: {err}") from None
 
 
-def compose(experts: list[Expert], alpha: list[float] | dict[str, list[float]], names: list[str] | None = None
-            ) -> Expert:
+MIXINGS = ("sum", "anchored")
+
+
+def check_mixing(mixing: str) -> None:
+    if mixing not in MIXINGS:
+        raise ValueError(f"--mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
+
+
+def mix_vectors(vectors: list, weights, mixing: str = "sum"):
+    """Σₖ αₖ zₖ, or 1 + Σₖ αₖ (zₖ − 1) when anchored at the base model, for one module's z of each expert."""
+    if mixing == "anchored":
+        return 1 + sum(a * (z - 1) for a, z in zip(weights, vectors, strict=True))
+    return sum(a * z for a, z in zip(weights, vectors, strict=True))
+
+
+def compose(experts: list[Expert], alpha: list[float] | dict[str, list[float]], names: list[str] | None = None,
+            mixing: str = "sum") -> Expert:
     """z' = Σₖ αₖ zₖ. `alpha`: one weight per expert, or {module: one weight per expert} covering every module
     (per-layer mixing, as Transformer²'s few-shot adaptation searches). The result records its parts, their
     digests and the weights."""
     names = names or [expert.task or f"expert {k}" for k, expert in enumerate(experts)]
+    check_mixing(mixing)
     check_composable(experts, names)
     modules = list(experts[0].vectors)
     weights = check_alpha(alpha, len(experts), modules)
-    vectors = {m: sum(a * expert.vectors[m].float() for a, expert in zip(weights[m], experts, strict=True))
-               for m in modules}
+    vectors = {m: mix_vectors([expert.vectors[m].float() for expert in experts], weights[m], mixing) for m in modules}
     parts = [{"name": name, "task": expert.task, "z_sha256": z_digest(expert), "base_model": expert.base_model}
              for name, expert in zip(names, experts, strict=True)]
-    composition = {"parts": parts, "alpha": weights if isinstance(alpha, dict) else weights[modules[0]]}
+    composition = {"parts": parts, "alpha": weights if isinstance(alpha, dict) else weights[modules[0]],
+                   "mixing": mixing}
+    config = {"composition": composition}
+    tasks = {json.dumps([e.config.get("task"), e.config.get("task_args", {})], sort_keys=True) for e in experts}
+    if len(tasks) == 1 and experts[0].config.get("task"):  # one task for every part: the composition's own
+        config.update(task=experts[0].config["task"], task_args=experts[0].config.get("task_args", {}))
     first = experts[0]
     return Expert(vectors, first.base_model, first.base_fingerprint, first.targets,
-                  task="+".join(expert.task or "?" for expert in experts), config={"composition": composition})
+                  task="+".join(expert.task or "?" for expert in experts), config=config)
 
 
 def compose_files(paths: list[str], output: str | Path, alpha: list[float] | None = None,
-                  alpha_file: str | Path | None = None, overwrite: bool = True) -> Path:
+                  alpha_file: str | Path | None = None, overwrite: bool = True, mixing: str = "sum") -> Path:
     """`svf-rl compose`: the expert files mixed with `alpha` (or the JSON in `alpha_file`; equal weights by
     default) and written to `output`, which is never one of the inputs and replaces a file only with
     `overwrite`. Everything is checked before anything is written."""
     if alpha is not None and alpha_file is not None:
         raise ValueError("give --alpha or --alpha-file, not both")
+    check_mixing(mixing)
     output = check_output(output, [*paths, *([alpha_file] if alpha_file else [])], overwrite)
     experts = [load_expert(path) for path in paths]
     if alpha_file is not None:
         alpha = read_alpha_file(alpha_file)
-    return save_expert(compose(experts, [1.0 / len(experts)] * len(experts) if alpha is None else alpha, paths),
-                       output)
+    return save_expert(compose(experts, [1.0 / len(experts)] * len(experts) if alpha is None else alpha, paths,
+                               mixing), output)

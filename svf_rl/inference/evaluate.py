@@ -15,7 +15,7 @@ import torch
 
 from svf_rl.base_model import EMBEDDED_MODEL, cache_root, load_base_model, resolve_dtype, resolve_model_path
 from svf_rl.engines.hf import Sampling, chat_ids
-from svf_rl.inference.compose import check_alpha, check_same_base, compose
+from svf_rl.inference.compose import check_alpha, check_mixing, check_same_base, compose
 from svf_rl.inference.expert import Expert, ExpertError, as_scale_expert, base_model_for, load_expert
 from svf_rl.inputs import check_count, check_model_id, check_output, check_split
 from svf_rl.policies.svf_layer import apply_svf, load_z, svf_layers
@@ -37,11 +37,16 @@ def load_model(model: str, dtype: str = "auto"):
 
 
 def experts_on_model(model, experts: list[Expert], names: list[str] | None = None) -> list[Expert]:
-    """Give the base model SVF layers for the experts' targets and return the experts in z form, each checked
-    against the model (names, sizes, base fingerprint) in one line."""
+    """Give the base model SVF layers for the experts' targets (once: a model that has them keeps them) and
+    return the experts in z form, each checked against the model (names, sizes, base fingerprint) in one line.
+    The layers keep W, so z = 1 is the base model's own weights in any dtype, as in a merged model."""
     names = names or [expert.task or f"expert {k}" for k, expert in enumerate(experts)]
-    fingerprint = model_fingerprint(model)
-    apply_svf(model, experts[0].targets, cache_dir=cache_root() / "svd", progress=False)
+    if not svf_layers(model):
+        model.svf_base_fingerprint = model_fingerprint(model)  # of the plain model: SVF layers change it
+        apply_svf(model, experts[0].targets, cache_dir=cache_root() / "svd", progress=False, keep_base=True)
+        for layer in svf_layers(model).values():
+            layer.z.requires_grad_(False)  # inference: forwards use W' as kept, with or without grad mode
+    fingerprint = getattr(model, "svf_base_fingerprint", None) or model_fingerprint(model)
     layers = svf_layers(model)
     shapes = {name: layer.z.numel() for name, layer in layers.items()}
     resolved = []
@@ -54,14 +59,15 @@ def experts_on_model(model, experts: list[Expert], names: list[str] | None = Non
     return resolved
 
 
-def model_with_experts(model: str, experts: list[Expert], alpha=None, dtype: str = "auto", names=None):
+def model_with_experts(model: str, experts: list[Expert], alpha=None, dtype: str = "auto", names=None,
+                       mixing: str = "sum"):
     """(model, tokenizer, the applied expert or None): the base model, with SVF and the (composed) z if given."""
     model_obj, tokenizer = load_model(model, dtype)
     if not experts:
         return model_obj, tokenizer, None
     experts = experts_on_model(model_obj, experts, names)
     expert = experts[0] if len(experts) == 1 and alpha is None else compose(experts, alpha or [1.0 / len(experts)]
-                                                                            * len(experts), names)
+                                                                            * len(experts), names, mixing)
     load_z(model_obj, expert.vectors)
     return model_obj, tokenizer, expert
 
@@ -187,7 +193,7 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
              task_args: dict | None = None, split: str = "test", size: int = 200, seed: int = 0,
              max_new_tokens: int = 64, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
              engine: str = "hf", batch_size: int = 64, dtype: str = "auto", output: str | Path | None = None,
-             overwrite: bool = True) -> dict:
+             overwrite: bool = True, mixing: str = "sum") -> dict:
     """Greedy accuracy (and pass@k from `samples` samples per problem, if > 0) of the model with the experts
     (none: the base model; several: composed with `alpha`, equal weights by default). `model` and `task`
     default to the first expert's own (eval_target). Written to `output` as JSON when given; an existing
@@ -199,6 +205,7 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     adapter = bool(experts) and is_adapter_dir(experts[0])
     if adapter and alpha is not None:
         raise ValueError("--alpha weighs SVF experts; a PEFT adapter is scored as it is")
+    check_mixing(mixing)
     loaded = [] if adapter else [load_expert(path) for path in experts]
     check_evaluation(loaded, [str(p) for p in experts], alpha, split, size, max_new_tokens, samples, temperature,
                      top_p, engine)
@@ -213,7 +220,7 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
         (model_obj, tokenizer, merged), expert = merged_model(experts[0], model, dtype), None
     else:
         (model_obj, tokenizer, expert), merged = model_with_experts(model, loaded, alpha, dtype,
-                                                                    [str(p) for p in experts]), []
+                                                                    [str(p) for p in experts], mixing), []
     rollouts = inference_engine(engine, model_obj, tokenizer, model, seed, merged)
     greedy = greedy_accuracy(task_obj, rows, tokenizer, rollouts, max_new_tokens, batch_size)
     result = {"model": model, "experts": [str(p) for p in experts], "alpha": alpha, "task": task_obj.name,

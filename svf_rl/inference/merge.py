@@ -1,7 +1,8 @@
-"""Bake an expert into a plain Hugging Face model directory: W' = U diag(s ⊙ z) Vᵀ stored as each layer's weight.
+"""Bake an expert into a plain Hugging Face model directory: W' = W + U diag(s ⊙ (z − 1)) Vᵀ as each layer's weight.
 
-The result loads with transformers or vLLM alone. It keeps the base checkpoint's dtype; W' is composed in
-fp32 from the fp32 SVD and rounded once. config.json's `svf_expert` records which expert it holds.
+The result loads with transformers or vLLM alone. It keeps the base checkpoint's dtype; the change is
+computed in fp32 from the SVD factors in that dtype, added to W and rounded once, exactly as eval and adapt
+compose W' (z = 1 leaves W as it is). config.json's `svf_expert` records which expert it holds.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from svf_rl.base_model import cache_root, load_base_model, resolve_model_path
 from svf_rl.inference.compose import z_digest
 from svf_rl.inference.expert import Expert, base_model_for, load_expert, module_z
 from svf_rl.inputs import check_output
-from svf_rl.policies.svf_layer import compose_weight
+from svf_rl.policies.svf_layer import with_change
 from svf_rl.run_files import atomic_directory
 from svf_rl.svd import cached_svd, model_fingerprint
 from svf_rl.targets import find_targets
@@ -44,8 +45,9 @@ def merge_expert(expert_path: str | Path, output_dir: str | Path, model: str | N
     with torch.no_grad():
         for name in names:
             weight = lm.get_submodule(name).weight
-            U, s, Vh = cached_svd(weight, cache_root() / "svd")
-            weight.copy_(compose_weight(U, s, Vh, module_z(expert, name, s).to(s.device)))
+            # The factors in the checkpoint's dtype, as eval and adapt hold them: the same W', bit for bit.
+            U, s, Vh = (f.to(weight.device, weight.dtype) for f in cached_svd(weight, cache_root() / "svd"))
+            weight.copy_(with_change(weight, U, s, Vh, module_z(expert, name, s).to(weight.device)))
     lm.config.svf_expert = {"file": Path(expert_path).name, "task": expert.task, "z_sha256": z_digest(expert),
                             "parametrisation": expert.parametrisation, "targets": expert.targets,
                             "base_model": expert.base_model, "base_fingerprint": expert.base_fingerprint,

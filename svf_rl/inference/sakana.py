@@ -50,10 +50,11 @@ def read_policy_params(path: str | Path) -> list[torch.Tensor]:
 
 
 def import_policy_params(path: str | Path, model, base_model: str, task: str = "", as_z: bool = False,
-                         vectors: list[torch.Tensor] | None = None) -> Expert:
+                         vectors: list[torch.Tensor] | None = None, task_args: dict | None = None) -> Expert:
     """An expert for `model` (the base model Sakana's expert was trained on, as loaded by transformers) from
     their file (`vectors`: read_policy_params(path), if already read). Their targets are every MLP matrix; a
-    count or size that does not match is one line."""
+    count or size that does not match is one line. Their scale is σ(p)·max_mult rescaled by Σs / Σ(s ⊙ σ(p)·max_mult),
+    so max_mult cancels: the file's p alone gives W', whatever max_mult they trained with."""
     vectors = read_policy_params(path) if vectors is None else vectors
     names = find_targets(model, "mlp")  # named_modules order: the order of the model's state dict
     if len(vectors) != len(names):
@@ -66,7 +67,8 @@ def import_policy_params(path: str | Path, model, base_model: str, task: str = "
                               f"singular values")
         if not torch.isfinite(p).all():  # read_policy_params refuses these; `vectors` may come from elsewhere
             raise ExpertError(f"{path}: vector {k} has non-finite values")
-    config = {"imported_from": str(path), "source_format": "self-adaptive-llms policy_params.pt"}
+    config = {"imported_from": str(path), "source_format": "self-adaptive-llms policy_params.pt",
+              **({"task": task, "task_args": task_args or {}} if task else {})}  # as a trained expert records it
     expert = Expert(dict(zip(names, vectors, strict=True)), base_model, model_fingerprint(model), "mlp", task,
                     config, parametrisation=SIGMOID_RESCALED)
     if as_z:
@@ -79,15 +81,44 @@ def import_policy_params(path: str | Path, model, base_model: str, task: str = "
     return expert
 
 
+def check_config_shapes(path, vectors: list[torch.Tensor], model: str) -> None:
+    """Before the weights load: a Llama-style config says how many MLP matrices there are (gate, up and down
+    per layer) and how many singular values each has (the smaller of hidden and intermediate size)."""
+    import json
+
+    from svf_rl.base_model import resolve_model_path
+
+    config_file = Path(resolve_model_path(model)) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        layers, sizes = config["num_hidden_layers"], (config["hidden_size"], config["intermediate_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a local Llama-style directory: the loaded model is checked instead
+    if len(vectors) != 3 * layers:
+        raise ExpertError(f"{path} holds {len(vectors)} vectors, but {model} has {3 * layers} MLP matrices; was it "
+                          f"trained on another model?")
+    bad = next((k for k, p in enumerate(vectors) if p.numel() != min(sizes)), None)
+    if bad is not None:
+        raise ExpertError(f"{path}: vector {bad} has {vectors[bad].numel()} values, but {model}'s MLP matrices "
+                          f"have {min(sizes)} singular values")
+
+
 def import_file(path: str | Path, model: str, output: str | Path, task: str = "", as_z: bool = False,
-                overwrite: bool = True) -> tuple[Expert, Path]:
-    """`svf-rl import-sakana`: the file, the model id and the output are checked before the model loads (the
-    output is never the input, and replaces a file only with `overwrite`); then the expert is written."""
+                overwrite: bool = True, task_args: dict | None = None) -> tuple[Expert, Path]:
+    """`svf-rl import-sakana`: the file, the model id, the task and the output are checked before the model loads
+    (the output is never the input, and replaces a file only with `overwrite`); then the expert is written. The
+    task is recorded as training runs record theirs, so eval and adapt find its problems."""
     from svf_rl.base_model import load_base_model
+    from svf_rl.task import load_task
 
     vectors = read_policy_params(path)
     check_model_id(model)
+    if task:
+        load_task(task, task_args or {})
+    elif task_args is not None:
+        raise ValueError("--task-args needs --task")
     output = check_output(output, [path], overwrite)
-    lm, _ = load_base_model(model)
-    expert = import_policy_params(path, lm, model, task, as_z, vectors)
+    check_config_shapes(path, vectors, model)
+    lm, _ = load_base_model(model, "auto")  # the checkpoint's own dtype (the fingerprint does not depend on it)
+    expert = import_policy_params(path, lm, model, task, as_z, vectors, task_args)
     return expert, save_expert(expert, output)

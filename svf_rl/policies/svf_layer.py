@@ -21,6 +21,13 @@ def compose_weight(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.
     return ((U.float() * (s.float() * z)) @ Vh.float()).to(U.dtype)
 
 
+def with_change(W: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor
+                ) -> torch.Tensor:
+    """W + U diag(s ⊙ (z − 1)) Vᵀ, the change computed and added in fp32, rounded once to W's dtype: z = 1 gives W
+    bit for bit. Inference (kept W) and merge both compose this way, from factors in the model's dtype."""
+    return (W.float() + (U.float() * (s.float() * (z.float() - 1))) @ Vh.float()).to(W.dtype)
+
+
 def cheaper_strategy(tokens: int, out: int, inp: int) -> str:
     """compose or factored, whichever costs fewer FLOPs (forward and backward) over `tokens` rows."""
     rank = min(out, inp)
@@ -53,6 +60,7 @@ class SVFLinear(nn.Module):
         self._policy_z: torch.Tensor | None = None  # the z that _policy_weight was composed from
         self._reference_weight: torch.Tensor | None = None
         self._step_weight: torch.Tensor | None = None  # W'(z) during a step, as a leaf that collects ∂L/∂W'
+        self.base: nn.Parameter | None = None  # inference keeps W: W' = W + U diag(s ⊙ (z − 1)) Vᵀ (keep_base)
 
     def _apply(self, fn, recurse=True):
         """model.to(dtype) casts the factors, never z: its updates (about lr·1e-3) would round away in 16 bits."""
@@ -72,6 +80,13 @@ class SVFLinear(nn.Module):
     def compose(self, z: torch.Tensor) -> torch.Tensor:
         return compose_weight(self.U, self.s, self.Vh, z)
 
+    def compose_for_inference(self, z: torch.Tensor) -> torch.Tensor:
+        """W'(z) without gradient: with W kept, W plus the change in fp32, so that z = 1 is W itself in any dtype
+        (bf16 factors alone give W'(1) ≠ W) and merge, which adds the same change to W, agrees."""
+        if self.base is None:
+            return self.compose(z)
+        return with_change(self.base, self.U, self.s, self.Vh, z)
+
     def choose_strategy(self, tokens: int) -> str:
         """Pick the cheaper way to get a gradient to z for a forward over `tokens` rows (FLOPs, fwd+bwd)."""
         if self.strategy != "auto":
@@ -87,17 +102,17 @@ class SVFLinear(nn.Module):
         if self.use_reference:
             if self._reference_weight is None:
                 with torch.no_grad():
-                    weight = self.compose(torch.ones_like(self.z))
+                    weight = self.compose_for_inference(torch.ones_like(self.z))
                 if not self.cache_reference:
                     return weight
                 self._reference_weight = weight
             return self._reference_weight
         if not self.cache_policy:
             with torch.no_grad():
-                return self.compose(self.z)
+                return self.compose_for_inference(self.z)
         if self._policy_z is None or not torch.equal(self._policy_z, self.z.detach()):
             with torch.no_grad():
-                self._policy_weight = self.compose(self.z)
+                self._policy_weight = self.compose_for_inference(self.z)
             self._policy_z = self.z.detach().clone()
         return self._policy_weight
 
@@ -119,7 +134,7 @@ class SVFLinear(nn.Module):
         z = self.z if not self.use_reference else torch.ones_like(self.z)
         if not (trains or self.sharded):
             cached = self.cache_reference if self.use_reference else self.cache_policy
-            if cached:
+            if cached or self.base is not None:
                 return F.linear(x, self.weight_for_inference(), self.bias)
             return self.factored(x, z.detach())
         if self._step_weight is not None and trains:
@@ -138,8 +153,9 @@ class SVFLinear(nn.Module):
 
 
 def apply_svf(model: nn.Module, targets: str = "mlp", strategy: str = "auto",
-              cache_dir: Path | None = None, progress: bool = True) -> list[str]:
-    """Replace each target nn.Linear by an SVFLinear in place; freeze everything but z. Returns the names."""
+              cache_dir: Path | None = None, progress: bool = True, keep_base: bool = False) -> list[str]:
+    """Replace each target nn.Linear by an SVFLinear in place; freeze everything but z. Returns the names.
+    `keep_base` (inference): each layer also keeps W, and composes W' as W plus the change (one more matrix)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"forward strategy {strategy!r} is not one of {STRATEGIES}")
     names = find_targets(model, targets)
@@ -154,6 +170,8 @@ def apply_svf(model: nn.Module, targets: str = "mlp", strategy: str = "auto",
             U, s, Vh = cached_svd(linear.weight, cache_dir)
             device, dtype = linear.weight.device, linear.weight.dtype
             layer = SVFLinear(U.to(device, dtype), s.to(device, dtype), Vh.to(device, dtype), linear.bias, strategy)
+            if keep_base:
+                layer.base = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             bar.advance(job)
