@@ -61,17 +61,29 @@ def main() -> None:
     adapter = Adapter(model, tokenizer, dict(zip(names, resolved[:-1], strict=True)), HFEngine(model, tokenizer),
                       budget)
     cem = CEM(args.population, args.elite_fraction, args.iterations)
-    runs = [("base model", "base", {}), *[(f"{n} expert", n, {}) for n in names],
-            ("oracle routing", "oracle", {}), ("prompt", "prompt", {"descriptions": DESCRIPTIONS}),
-            ("classifier expert", "classifier", {"classifier": resolved[-1]}),
-            ("few-shot CEM, α per task", "few-shot", {"shots": per_task_shots, "cem": cem}),
-            ("few-shot CEM, one α for the mixture", "few-shot", {"shots": mixture_shots, "cem": cem})]
+    score, generate, anchored = {"first_pass": "score"}, {"first_pass": "generate"}, {"mixing": "anchored"}
+    # (row, strategy, run()'s arguments, Adapter settings)
+    runs = [("base model", "base", {}, {}), *[(f"{n} expert", n, {}, {}) for n in names],
+            ("oracle routing", "oracle", {}, {}),
+            ("prompt, labels scored", "prompt", {"descriptions": DESCRIPTIONS}, score),
+            ("prompt, generated", "prompt", {"descriptions": DESCRIPTIONS}, generate),
+            ("classifier expert, labels scored", "classifier", {"classifier": resolved[-1]}, score),
+            ("classifier expert, generated", "classifier", {"classifier": resolved[-1]}, generate),
+            ("few-shot CEM, one α for the mixture", "few-shot", {"shots": mixture_shots, "cem": cem}, {}),
+            ("few-shot CEM, one α for the mixture, anchored", "few-shot", {"shots": mixture_shots, "cem": cem},
+             anchored),
+            ("few-shot CEM, α per task (given each prompt's true task)", "few-shot",
+             {"shots": per_task_shots, "cem": cem}, {}),
+            ("few-shot CEM, α per task (given each prompt's true task), anchored", "few-shot",
+             {"shots": per_task_shots, "cem": cem}, anchored)]
     results = []
     chosen = [r for r in runs if not args.only or any(o == r[1] or o in r[0] for o in args.only)]
-    for label, strategy, kwargs in chosen:
+    for label, strategy, kwargs, settings in chosen:
+        adapter.first_pass, adapter.mixing = settings.get("first_pass", "score"), settings.get("mixing", "sum")
         started = time.perf_counter()
         outcome = adapter.run(strategy, items, **kwargs)
-        report = {"row": label, **outcome.report(items), "wall_seconds": time.perf_counter() - started}
+        report = {"row": label, **outcome.report(items), "wall_seconds": time.perf_counter() - started,
+                  **settings}
         results.append(report)
         print(row(report, names), flush=True)
     config = {"experts": dict(zip(names, args.experts, strict=True)), "classifier": args.classifier,

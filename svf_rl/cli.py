@@ -1,5 +1,5 @@
-"""Command line: svf-rl train | memory | eval | compose | merge | adapt | export-lora | import-sakana | export | inspect |
-tasks."""
+"""Command line: svf-rl train | memory | eval | compose | merge | adapt | export-lora | import-sakana | export |
+inspect | tasks."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line like every other error (usage: --help), and main returns 2
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+MIXING_HELP = "sum: z' = Σ α_k z_k (Transformer²); anchored: z' = 1 + Σ α_k (z_k − 1), the base model at α = 0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--model", default=None, help="base model (default: the experts' own, or the embedded one)")
     evaluate.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
     evaluate.add_argument("--mixing", choices=["sum", "anchored"], default="sum",
-                          help="sum: z' = Σ α_k z_k (Transformer²); anchored: z' = 1 + Σ α_k (z_k − 1), the base model at α = 0")
+                          help=MIXING_HELP)
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--size", type=int, default=200, help="problems drawn (each distinct one counted once)")
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     mix.add_argument("--alpha", type=float, nargs="+", help="one weight per expert (default: equal)")
     mix.add_argument("--alpha-file", help="JSON {module: [one weight per expert]} for per-module mixing")
     mix.add_argument("--mixing", choices=["sum", "anchored"], default="sum",
-                     help="sum: z' = Σ α_k z_k (Transformer²); anchored: z' = 1 + Σ α_k (z_k − 1), the base model at α = 0")
+                     help=MIXING_HELP)
     mix.add_argument("--output", "-o", required=True, help="expert file to write")
     mix.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     adapt = commands.add_parser("adapt", help="Transformer² two-pass inference over experts, on their tasks' mixture")
@@ -81,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("--iterations", type=int, default=10)
     adapt.add_argument("--per-layer", action="store_true", help="few-shot: one α per expert and matrix")
     adapt.add_argument("--mixing", choices=["sum", "anchored"], default="sum",
-                       help="sum: z' = Σ α_k z_k (Transformer²); anchored: z' = 1 + Σ α_k (z_k − 1), the base model at α = 0")
+                       help=MIXING_HELP)
+    adapt.add_argument("--first-pass", choices=["score", "generate"], default="score",
+                       help="prompt and classifier: score each category's log-prob in one forward, or generate")
+    adapt.add_argument("--first-pass-tokens", type=int, default=256, help="the first pass reads this much of a prompt")
     adapt.add_argument("--save-experts", metavar="DIR",
                        help="few-shot: write each α found as an expert file and as compose's --alpha-file JSON")
     adapt.add_argument("--prompts", metavar="FILE.jsonl",
@@ -180,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_adaptation(args.experts, args.strategy, args.model, args.classifier, args.split, args.size,
                                     args.seed, args.shots, args.shot_split, args.mixture_shots, cem,
                                     args.max_new_tokens, args.engine, args.dtype, output,
-                                    parse_named(args.describe), args.overwrite, parse_named(args.task, "--task", "TASK"),
+                                    parse_named(args.describe), args.overwrite,
+                                    parse_named(args.task, "--task", "TASK"),
                                     {name: parse_task_args(text) for name, text in
                                      parse_named(args.task_args, "--task-args", "JSON").items()},
-                                    args.mixing, args.save_experts, args.prompts)
+                                    args.mixing, args.save_experts, args.prompts, args.first_pass,
+                                    args.first_pass_tokens)
             if args.prompts:
                 print(f"{result['n']} answers; routes: {result['routes']}")
             else:
@@ -207,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"‖ΔW‖ (mean {100 * report['kept_mean']:.1f}%)")
         elif args.command == "import-sakana":
             from svf_rl.inference.sakana import import_file
-
             from svf_rl.task import parse_task_args
 
             expert, written = import_file(args.file, args.model, args.output, args.task, args.as_z, args.overwrite,

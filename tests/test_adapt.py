@@ -8,11 +8,22 @@ from transformers import AutoModelForCausalLM
 
 from svf_rl.cli import main
 from svf_rl.engines.hf import HFEngine, Sampling, chat_ids, generate_per_z
-from svf_rl.inference.adapt import (BASE, CEM, Adapter, Item, check_disjoint, classifier_task, expert_name, mixture,
-                                    named_category, split_expert_arg)
+from svf_rl.inference.adapt import (
+    BASE,
+    CEM,
+    CLASSIFY_PROMPT,
+    Adapter,
+    Item,
+    check_disjoint,
+    classifier_task,
+    expert_name,
+    mixture,
+    named_category,
+    split_expert_arg,
+)
 from svf_rl.inference.evaluate import experts_on_model
 from svf_rl.inference.expert import Expert, ExpertError, load_expert, save_expert
-from svf_rl.loop.logprobs import TokenBatch
+from svf_rl.loop.logprobs import TokenBatch, completion_logprobs, make_token_batch
 from svf_rl.policies.svf_layer import load_z, svf_layers, z_vectors
 from svf_rl.svd import model_fingerprint
 from svf_rl.task import Task, load_task
@@ -90,6 +101,38 @@ def test_the_prompt_strategy_routes_each_prompt_and_reports_its_cost(sharp_model
     assert all(r in ("math", "code", BASE) for r in result.routes) and result.first.tokens > 0
     report = result.report(items)
     assert set(report) >= {"accuracy", "accuracy_low", "first_to_second_time", "routed_to_own_expert"}
+
+
+def test_routers_score_each_label_in_one_forward_as_a_full_forward_would(sharp_model_dir):
+    ad = adapter(sharp_model_dir, names=("math", "code"))
+    policy = {n: 1 + 0.2 * torch.randn(v.shape) for n, v in z_vectors(ad.model).items()}
+    load_z(ad.model, policy)  # the routers must not read with the policy's z
+    task = load_task("arithmetic", {})
+    items = [Item(task, row, "math") for row in task.rows("test", 5, 0)]
+    routes, cost = ad.route_by_prompt(items)
+    labels = ["math", "code", "other"]
+    prompts = [chat_ids(ad.tokenizer, [{"role": "user", "content": CLASSIFY_PROMPT.format(
+        options="- math\n- code", question=item.question())}]) for item in items]
+    answers = [ad.tokenizer.encode(f"\\boxed{{{label}}}", add_special_tokens=False) for label in labels]
+    load_z(ad.model, {n: torch.ones_like(v) for n, v in policy.items()})
+    full = torch.tensor([[(completion_logprobs(ad.model, make_token_batch([p], [a], ad.tokenizer.pad_token_id))
+                           .sum().item()) for a in answers] for p in prompts])
+    torch.testing.assert_close(ad.answer_logprobs(prompts, answers), full, rtol=0, atol=1e-4)
+    assert routes == [BASE if labels[i] == "other" else labels[i] for i in full.argmax(1).tolist()]
+    assert cost.tokens == sum(map(len, prompts)) + len(prompts) * sum(map(len, answers)) and cost.seconds > 0
+    load_z(ad.model, policy)
+    ad.first_pass = "generate"
+    generated, _ = ad.route_by_prompt(items)
+    assert all(torch.equal(z_vectors(ad.model)[n], policy[n]) for n in policy) and len(generated) == 5
+
+
+def test_the_first_pass_reads_the_start_of_a_long_prompt(sharp_model_dir):
+    ad = adapter(sharp_model_dir)
+    ad.first_pass_tokens = 8
+    long = "Count the letters in " + " ".join(["banana"] * 200)
+    short = ad._shortened(long)
+    assert len(ad.tokenizer.encode(short.removesuffix(" ..."), add_special_tokens=False)) <= 9
+    assert short.startswith("Count the letters") and ad._shortened("What is 2 + 2?") == "What is 2 + 2?"
 
 
 def test_an_expert_named_like_a_strategy_or_route_is_refused(sharp_model_dir):
@@ -291,6 +334,12 @@ def test_adapt_command_runs_every_strategy_on_the_experts_tasks(sharp_model_dir,
             assert result["routed_to_own_expert"] == 1.0
         if strategy == "few-shot":
             assert set(result["alphas"]) == {"arith", "gcd"} and result["first_pass_seconds"] > 0
+    for first_pass in ("score", "generate"):  # both routers' ways of reading their answer
+        out = tmp_path / f"classifier_{first_pass}.json"
+        assert main(["adapt", *common, "--strategy", "classifier", "--classifier", classifier, "--first-pass",
+                     first_pass, "-o", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["first_pass"] == first_pass and set(result["recall"]) == {"arith", "gcd"}
     assert main(["adapt", *common, "--strategy", "classifier", "--classifier", classifier, "--split", "train"]) == 2
     assert "classifier's training problems" in capsys.readouterr().err
     assert main(["adapt", *common, "--strategy", "few-shot", "--shot-split", "test"]) == 2

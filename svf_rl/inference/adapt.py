@@ -24,14 +24,15 @@ import torch
 from svf_rl.engines.hf import Sampling, chat_ids, generate_per_z
 from svf_rl.inference.expert import Expert, ExpertError
 from svf_rl.inputs import check_count, check_output, check_split
-from svf_rl.loop.logprobs import completion_logprobs, make_token_batch
-from svf_rl.policies.svf_layer import load_z, z_vectors
+from svf_rl.loop.logprobs import completion_features, completion_logprobs, make_token_batch, shares_prefix, token_stats
+from svf_rl.policies.svf_layer import load_z, reference_mode, z_vectors
 from svf_rl.rewards import first_label
 from svf_rl.run_files import wilson_interval
 from svf_rl.task import Task, load_task, safe_score
 
 BASE = "base"  # the route of a prompt that no expert claims: the base model, z = 1
 STRATEGIES = ("base", "oracle", "prompt", "classifier", "few-shot")
+FIRST_PASSES = ("score", "generate")  # the routers: score each category's log-prob, or generate and read
 CLASSIFY_PROMPT = ("Which category does this question belong to? Categories:\n{options}\n- other: anything else\n\n"
                    "<question>\n{question}\n</question>\n\nAnswer with \\boxed{{category}} and nothing else.")
 
@@ -107,6 +108,10 @@ class Adaptation:
         if len(routed) == n:  # each prompt went to one expert (or the base): how often to its own?
             result["routed_to_own_expert"] = sum(r == i.category for r, i in zip(routed, items, strict=True)) / n
             result["routes"] = {route: routed.count(route) for route in sorted(set(routed))}
+            own = defaultdict(list)  # each category's recall: its prompts sent to its own expert
+            for route, item in zip(routed, items, strict=True):
+                own[item.category].append(route == item.category)
+            result["recall"] = {k: sum(v) / len(v) for k, v in own.items()}
         if self.alphas:
             result["alphas"] = {str(k): v.tolist() for k, v in self.alphas.items()}
             result["search"] = {str(k): v for k, v in self.search.items()}
@@ -117,13 +122,16 @@ class Adapter:
     """A model with SVF layers, its experts (in z form, one per category) and an engine that generates."""
 
     def __init__(self, model, tokenizer, experts: dict[str, Expert], engine, max_new_tokens: int = 64,
-                 mixing: str = "sum"):
+                 mixing: str = "sum", first_pass: str = "score", first_pass_tokens: int = 256):
         taken = sorted(set(experts) & {*STRATEGIES, "other"})
         if not experts or taken:
             raise ExpertError(f"adaptation needs at least one expert, none named like a strategy or route "
                               f"({taken[0]!r})" if taken else "adaptation needs at least one expert")
         self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.experts, self.max_new_tokens, self.mixing = experts, max_new_tokens, mixing
+        if first_pass not in FIRST_PASSES:
+            raise ValueError(f"--first-pass must be one of {', '.join(FIRST_PASSES)}, got {first_pass!r}")
+        self.first_pass, self.first_pass_tokens = first_pass, first_pass_tokens
         self.modules = list(next(iter(experts.values())).vectors)
         self.stack = {m: torch.stack([e.vectors[m].float() for e in experts.values()]) for m in self.modules}
 
@@ -144,15 +152,25 @@ class Adapter:
     # First passes: each returns one route per item and what it cost.
     def route_by_prompt(self, items: list[Item], descriptions: dict[str, str] | None = None,
                         max_new_tokens: int = 16) -> tuple[list, PassCost]:
+        """The base model (z = 1) names each prompt's category: the likeliest of \\boxed{name} for each expert
+        and \\boxed{other} (first_pass "score"), or what it writes in `max_new_tokens` ("generate")."""
         descriptions = descriptions or {}
         options = "\n".join(f"- {name}" + (f": {descriptions[name]}" if name in descriptions else "")
                             for name in self.experts)
         prompts = [chat_ids(self.tokenizer, [{"role": "user", "content": CLASSIFY_PROMPT.format(
-            options=options, question=item.question())}]) for item in items]
+            options=options, question=self._shortened(item.question()))}]) for item in items]
         cost, started = PassCost(), time.perf_counter()
-        [completions] = generate_per_z(self.engine, [(None, prompts)], self._greedy(max_new_tokens))
-        cost.add(started, completions)
-        return [self.category(c.text) for c in completions], cost
+        if self.first_pass == "score":
+            labels = [*self.experts, "other"]
+            with reference_mode(self.model):
+                best = self._likeliest(prompts, [f"\\boxed{{{label}}}" for label in labels], cost)
+            routes = [BASE if labels[i] == "other" else labels[i] for i in best]
+        else:
+            [completions] = generate_per_z(self.engine, [(None, prompts)], self._greedy(max_new_tokens))
+            cost.tokens += sum(len(c.prompt_ids) + len(c.ids) for c in completions)
+            routes = [self.category(c.text) for c in completions]
+        cost.seconds += time.perf_counter() - started
+        return routes, cost
 
     def category(self, text: str) -> str:
         """The category the answer names: the boxed text if there is a box, else the whole answer. An answer
@@ -160,16 +178,55 @@ class Adapter:
         return named_category(text, list(self.experts))
 
     def route_by_classifier(self, items: list[Item], classifier: Expert) -> tuple[list, PassCost]:
+        """The classifier expert names each prompt's category: its likeliest label ("score"), or the first
+        label it writes ("generate"); a label that is no expert's runs the base model."""
         task = classifier_task(classifier, list(self.experts))
         check_disjoint(classifier, task, items)
-        prompts = [chat_ids(self.tokenizer, task.prompt({"text": item.question(), "labels": task.labels}))
-                   for item in items]
-        budget = int(classifier.config.get("max_new_tokens", 8))
+        prompts = [chat_ids(self.tokenizer, task.prompt({"text": self._shortened(item.question()),
+                                                         "labels": task.labels})) for item in items]
         cost, started = PassCost(), time.perf_counter()
-        [completions] = generate_per_z(self.engine, [(classifier.vectors, prompts)], self._greedy(budget))
-        cost.add(started, completions)
-        routes = [first_label(c.text, task.labels) for c in completions]
+        if self.first_pass == "score":
+            saved = z_vectors(self.model)
+            try:
+                load_z(self.model, classifier.vectors)
+                routes = [task.labels[i] for i in self._likeliest(prompts, task.labels, cost)]
+            finally:
+                load_z(self.model, saved)
+        else:
+            budget = int(classifier.config.get("max_new_tokens", 8))
+            [completions] = generate_per_z(self.engine, [(classifier.vectors, prompts)], self._greedy(budget))
+            cost.tokens += sum(len(c.prompt_ids) + len(c.ids) for c in completions)
+            routes = [first_label(c.text, task.labels) for c in completions]
+        cost.seconds += time.perf_counter() - started
         return [r if r in self.experts else BASE for r in routes], cost
+
+    def _shortened(self, question: str) -> str:
+        """At most `first_pass_tokens` tokens of the question: its start says what kind of task it is."""
+        ids = self.tokenizer.encode(question, add_special_tokens=False)
+        return question if len(ids) <= self.first_pass_tokens else self.tokenizer.decode(
+            ids[:self.first_pass_tokens]) + " ..."
+
+    def _likeliest(self, prompts: list[list[int]], answers: list[str], cost: PassCost) -> list[int]:
+        """Per prompt, the index of the likeliest answer text under the model as it is, counting the tokens read."""
+        tokens = [self.tokenizer.encode(answer, add_special_tokens=False) for answer in answers]
+        cost.tokens += sum(len(p) for p in prompts) + len(prompts) * sum(len(t) for t in tokens)
+        return self.answer_logprobs(prompts, tokens).argmax(1).tolist()
+
+    @torch.no_grad()
+    def answer_logprobs(self, prompts: list[list[int]], answers: list[list[int]], chunk: int = 16) -> torch.Tensor:
+        """log p(answer | prompt) for every prompt and answer, [prompts, answers], in one forward per prompt: its
+        answers continue from its keys and values (the trainer's shared-prefix forward)."""
+        device = next(self.model.parameters()).device
+        group = len(answers) if shares_prefix(self.model) else 1
+        rows = []
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start:start + chunk]
+            batch = make_token_batch([p for p in part for _ in answers], [a for _ in part for a in answers],
+                                     self.tokenizer.pad_token_id).to(device)
+            features = completion_features(self.model, self.model, batch, group)
+            logp, _ = token_stats(features, batch.completion_ids, 1.0)
+            rows.append((logp * batch.completion_mask).sum(1).float().cpu().view(len(part), len(answers)))
+        return torch.cat(rows)
 
     def search_alpha(self, shots: list[Item], cem: CEM, max_new_tokens: int | None = None
                      ) -> tuple[torch.Tensor, list[dict], PassCost]:
@@ -525,7 +582,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
                    output=None, descriptions: dict[str, str] | None = None, overwrite: bool = True,
                    task_specs: dict[str, str] | None = None, task_args: dict[str, dict] | None = None,
                    mixing: str = "sum", save_experts: str | Path | None = None,
-                   prompts: str | Path | None = None) -> dict:
+                   prompts: str | Path | None = None, first_pass: str = "score", first_pass_tokens: int = 256) -> dict:
     """`svf-rl adapt`: the experts (paths, or NAME=PATH) on a mixture of their own tasks' `split` (`size`
     problems each, from the task each expert's file records), with one strategy. few-shot searches one α
     per task on `shots` problems of `shot_split` (as the paper does), or one α for the whole mixture.
@@ -553,6 +610,9 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
     check_adaptation(names, strategy, classifier, split, size, shots, shot_split, max_new_tokens, engine,
                      descriptions, task_specs or {}, task_args or {})
     check_mixing(mixing)
+    if first_pass not in FIRST_PASSES:
+        raise ValueError(f"--first-pass must be one of {', '.join(FIRST_PASSES)}, got {first_pass!r}")
+    check_count("--first-pass-tokens", first_pass_tokens)
     if prompts is not None and strategy == "oracle":
         raise ValueError("--strategy oracle needs each prompt's task; your prompts have none (use prompt, "
                          "classifier, few-shot, base or an expert's name)")
@@ -592,7 +652,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
                                 names + (["classifier"] if classifier_expert else []))
     rollouts = inference_engine(engine, model_obj, tokenizer, model, seed)
     in_z = dict(zip(names, together[:len(names)], strict=True))
-    adapter = Adapter(model_obj, tokenizer, in_z, rollouts, budget, mixing)
+    adapter = Adapter(model_obj, tokenizer, in_z, rollouts, budget, mixing, first_pass, first_pass_tokens)
     outcome = adapter.run(strategy, items, together[-1] if classifier_expert else None, shot_items, cem,
                           descriptions)
     found = found_experts(outcome, in_z, mixing)
@@ -604,7 +664,8 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
         answers = [{**row, "route": route[1] if isinstance(route, tuple) else route, "answer": c.text,
                     **({"alpha": outcome.alphas[route[1]].tolist()} if isinstance(route, tuple) else {})}
                    for row, route, c in zip(user_rows, outcome.routes, outcome.completions, strict=True)]
-        result = {"strategy": strategy, "n": len(answers), "mixing": mixing, "answers": answers,
+        result = {"strategy": strategy, "n": len(answers), "mixing": mixing, "first_pass": first_pass,
+                  "answers": answers,
                   "routes": {r: sum(a["route"] == r for a in answers) for r in sorted({a["route"] for a in answers})},
                   "first_pass_seconds": outcome.first.seconds, "second_pass_seconds": outcome.second.seconds,
                   "first_pass_tokens": outcome.first.tokens, "second_pass_tokens": outcome.second.tokens}
@@ -612,7 +673,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
             write_atomic(Path(output), "".join(json.dumps(a) + "\n" for a in answers))
         return result
     result = {"experts": dict(zip(names, paths, strict=True)), "split": split, "max_new_tokens": budget,
-              "mixing": mixing, **outcome.report(items)}
+              "mixing": mixing, "first_pass": first_pass, **outcome.report(items)}
     result["completions"] = [{"category": item.category, "route": str(route), "completion": c.text, "score": v}
                              for item, route, c, v in zip(items, outcome.routes, outcome.completions,
                                                           outcome.scores, strict=True)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from svf_rl.inference.expert import ExpertError, base_model_for, load_expert, module_z
+from svf_rl.inference.expert import base_model_for, load_expert, module_z
 from svf_rl.inputs import check_count, check_output
 
 REPORT = "svf_export.json"  # beside the adapter: the rank and, per layer, the share of ‖ΔW‖ kept
