@@ -65,6 +65,7 @@ def main() -> None:
     # (row, strategy, run()'s arguments, Adapter settings)
     runs = [("base model", "base", {}, {}), *[(f"{n} expert", n, {}, {}) for n in names],
             ("oracle routing", "oracle", {}, {}),
+            ("oracle routing, every expert in one batch", "oracle", {}, {"mixed_batches": True}),
             ("prompt, labels scored", "prompt", {"descriptions": DESCRIPTIONS}, score),
             ("prompt, generated", "prompt", {"descriptions": DESCRIPTIONS}, generate),
             ("classifier expert, labels scored", "classifier", {"classifier": resolved[-1]}, score),
@@ -80,6 +81,7 @@ def main() -> None:
     chosen = [r for r in runs if not args.only or any(o == r[1] or o in r[0] for o in args.only)]
     for label, strategy, kwargs, settings in chosen:
         adapter.first_pass, adapter.mixing = settings.get("first_pass", "score"), settings.get("mixing", "sum")
+        adapter.mixed_batches = settings.get("mixed_batches", False)
         started = time.perf_counter()
         outcome = adapter.run(strategy, items, **kwargs)
         report = {"row": label, **outcome.report(items), "wall_seconds": time.perf_counter() - started,

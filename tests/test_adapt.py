@@ -68,6 +68,25 @@ def test_each_group_of_prompts_is_generated_with_its_own_z_and_the_policy_is_res
     assert expected[0][1] != greedy(ad, None, prompts[1:2])[0]  # the test can tell the z apart
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_mixed_batch_runs_each_row_at_its_own_z(sharp_model_dir, n):
+    from svf_rl.loop.train import pad_logprobs
+
+    ad = adapter(sharp_model_dir)
+    prompts = prompts_of(ad.tokenizer, ["What is 2 + 2?", "Name a colour.", "Spell cat.", "Count to three."])
+    groups = [(ad.experts["a"].vectors, prompts[:2]), (None, prompts[2:3]), (ad.experts["b"].vectors, prompts[1:])]
+    out = generate_per_z(ad.engine, groups, Sampling(n, 1.0, 1.0, 6), mixed=True)
+    assert [len(c) for c in out] == [2 * n, n, 3 * n]
+    assert all(layer.row_z is None for layer in svf_layers(ad.model).values())
+    for (z, _), completions in zip(groups, out, strict=True):
+        load_z(ad.model, z or {k: torch.ones_like(v) for k, v in z_vectors(ad.model).items()})
+        batch = make_token_batch([c.prompt_ids for c in completions], [c.ids for c in completions],
+                                 ad.tokenizer.pad_token_id)
+        ours = completion_logprobs(ad.model, batch)
+        served = pad_logprobs([c.logprobs for c in completions], ours.shape[1])
+        assert ((served - ours).abs() * batch.completion_mask).max().item() < 1e-4  # the sampler's own z
+
+
 def test_the_second_pass_batches_by_route_and_gives_each_prompt_its_routes_answer(sharp_model_dir):
     ad = adapter(sharp_model_dir)
     task = load_task("arithmetic", {})

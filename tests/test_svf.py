@@ -148,3 +148,25 @@ def test_svd_cache_is_reused_from_disk(tmp_path):
 def test_fingerprint_tells_models_apart():
     assert model_fingerprint(tiny_llama(seed=0)) == model_fingerprint(tiny_llama(seed=0))
     assert model_fingerprint(tiny_llama(seed=0)) != model_fingerprint(tiny_llama(seed=1))
+
+
+@pytest.mark.parametrize("keep_base", [False, True])
+def test_rows_of_one_batch_each_run_at_their_own_z(keep_base):
+    from svf_rl.policies.svf_layer import SVFLinear
+
+    generator = torch.Generator().manual_seed(0)
+    W, bias = torch.randn(6, 4, generator=generator), torch.randn(6, generator=generator)
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    layer = SVFLinear(U, s, Vh, bias)
+    if keep_base:
+        layer.base = torch.nn.Parameter(W.clone(), requires_grad=False)
+    zs = [1 + 0.3 * torch.randn(4, generator=generator) for _ in range(3)]
+    x = torch.randn(3, 5, 4, generator=generator)
+    expected = []
+    with torch.no_grad():
+        for row, z in enumerate(zs):
+            layer.z.copy_(z)
+            expected.append(layer(x[row:row + 1]))
+        layer.row_z = torch.stack(zs)[:, None, :]
+        got = layer(x)
+    torch.testing.assert_close(got, torch.cat(expected), rtol=0, atol=1e-5)

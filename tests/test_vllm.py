@@ -297,3 +297,69 @@ def test_colocated_vllm_generates_each_group_with_its_own_z(smollm2_path, reques
         ours, mask = trainer_logprobs(model, completions, tokenizer.pad_token_id)
         served = pad_logprobs([c.logprobs for c in completions], ours.shape[1])
         assert ((served - ours).abs() * mask).max().item() < 1e-3  # each group ran at its own z
+
+
+LORA_SERVE = """
+import json, sys
+sys.modules["svf_rl"] = None  # the adapters must serve without svf-rl
+from vllm import LLM, SamplingParams, TokensPrompt
+from vllm.lora.request import LoRARequest
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512, seed=0, enable_lora=True,
+          max_lora_rank=int(sys.argv[4]), max_loras=2)
+prompts, adapters = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+requests = [LoRARequest(name, k + 1, path) for k, (name, path) in enumerate(adapters)]
+params = SamplingParams(n=1, temperature=1.0, max_tokens=10, logprobs=0, seed=1)
+# One batch: every prompt once per adapter, each request naming its own adapter.
+batch = [(p, r) for r in requests for p in prompts]
+out = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in batch], params, lora_request=[r for _, r in batch],
+                   use_tqdm=False)
+print("RESULT" + json.dumps([[list(s.token_ids), [step[t].logprob for step, t in zip(s.logprobs, s.token_ids)]]
+                             for o in out for s in o.outputs]))
+"""
+
+
+def test_vllm_serves_two_exported_experts_in_one_batch_each_request_with_its_own(smollm2_path, tmp_path):
+    """Each expert changes 8 singular values per matrix, so rank 8 keeps all of ΔW (Eckart–Young: the share
+    kept is 1), and each request's log-probs must be the SVF model's with its expert, to vLLM's precision."""
+    from svf_rl.engines.hf import Completion
+    from svf_rl.inference.expert import Expert, save_expert
+    from svf_rl.inference.export_lora import export_lora
+    from svf_rl.svd import model_fingerprint
+
+    model, tokenizer = load_base_model(smollm2_path)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
+    generator, zs, adapters = torch.Generator().manual_seed(0), [], []
+    for name in ("first", "second"):
+        z = {}
+        for module, layer in svf_layers(model).items():
+            z[module] = torch.ones(layer.z.shape)
+            changed = torch.randperm(layer.z.numel(), generator=generator)[:8]
+            z[module][changed] += 0.5 * torch.randn(8, generator=generator)
+        zs.append(z)
+        path = save_expert(Expert(z, smollm2_path, fingerprint, "mlp", "test"), tmp_path / f"{name}.safetensors")
+        report = export_lora(path, tmp_path / name, rank=8)
+        assert report["kept_min"] > 1 - 1e-6
+        adapters.append((name, str(tmp_path / name)))
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 7 * 8?", "Name a colour.")]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_LOGGING_LEVEL": "ERROR"}
+    run = subprocess.run([sys.executable, "-I", "-c", LORA_SERVE, smollm2_path, json.dumps(prompts),
+                          json.dumps(adapters), "8"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = json.loads(run.stdout.split("RESULT", 1)[1])
+    served = {}
+    for k, z in enumerate(zs):
+        part = samples[k * len(prompts):(k + 1) * len(prompts)]
+        completions = [Completion(p, ids, "") for p, (ids, _) in zip(prompts, part, strict=True)]
+        for name, layer in svf_layers(model).items():
+            layer.z.data.copy_(z[name])
+        ours, mask = trainer_logprobs(model, completions, tokenizer.pad_token_id)
+        served[k] = pad_logprobs([lp for _, lp in part], ours.shape[1])
+        gap = ((served[k] - ours).abs() * mask).max().item()
+        assert gap < 1e-3, f"request with expert {k} differs from the SVF model by {gap}"
+        for name, layer in svf_layers(model).items():  # and the other expert would have given other log-probs
+            layer.z.data.copy_(zs[1 - k][name])
+        other, _ = trainer_logprobs(model, completions, tokenizer.pad_token_id)
+        assert ((served[k] - other).abs() * mask).max().item() > 1e-2

@@ -57,11 +57,21 @@ def make_engine(kind: str, model, tokenizer, policy=None, model_path: str = "", 
     return HFEngine(model, tokenizer)
 
 
-def generate_per_z(engine, groups: list[tuple[dict | None, list[list[int]]]], sampling: Sampling
-                   ) -> list[list[Completion]]:
+def generate_per_z(engine, groups: list[tuple[dict | None, list[list[int]]]], sampling: Sampling,
+                   mixed: bool = False) -> list[list[Completion]]:
     """Each group's prompts with that group's z (None: the base model, z = 1), one generate() per group, on any
-    engine: the policy's z is set and pushed as after a training step, and restored afterwards."""
+    engine: the policy's z is set and pushed as after a training step, and restored afterwards. `mixed`, on an
+    engine that can: every group in the same batches, each row at its own z."""
     from svf_rl.policies.svf_layer import load_z, svf_layers, z_vectors
+
+    if mixed and hasattr(engine, "generate_rows"):
+        prompts = [p for _, group in groups for p in group]
+        zs = [z for z, group in groups for _ in group]
+        flat, out = engine.generate_rows(prompts, zs, sampling) if prompts else [], []
+        for _, group in groups:
+            out.append(flat[:len(group) * sampling.n])
+            flat = flat[len(group) * sampling.n:]
+        return out
 
     saved = z_vectors(engine.model)
     out = []
@@ -149,6 +159,19 @@ class HFEngine:
         """Nothing to push: the engine is the policy's own module, whose cached W' follows z's values."""
 
     @torch.no_grad()
+    def generate_rows(self, prompts: list[list[int]], zs: list, sampling: Sampling) -> list[Completion]:
+        """Each prompt at its own z (None: the base model), several experts in each batch."""
+        from svf_rl.policies.svf_layer import per_row_z
+
+        completions = []
+        per_call = max(1, self.batch_size // sampling.n)
+        for start in range(0, len(prompts), per_call):
+            chunk = range(start, min(start + per_call, len(prompts)))
+            with per_row_z(self.model, [zs[i] for i in chunk for _ in range(sampling.n)]):
+                completions += self._generate([prompts[i] for i in chunk], sampling, share_prompts=False)
+        return completions
+
+    @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         if sampling.seeds is not None:  # one prompt per call, each under its own seed
             completions = []
@@ -171,7 +194,8 @@ class HFEngine:
         cache.batch_repeat_interleave(repeats)
         return cache
 
-    def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], sampling: Sampling, share_prompts: bool = True
+                  ) -> list[Completion]:
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         greedy = sampling.temperature == 0
         # Sampling: generate() draws from RolloutDistribution's output, with every built-in processor off.
@@ -182,7 +206,7 @@ class HFEngine:
                                    **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
         ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         shared = {}
-        if sampling.n > 1 and ids.shape[1] > 1:  # each prompt's keys and values once, shared by its n completions
+        if share_prompts and sampling.n > 1 and ids.shape[1] > 1:  # each prompt's keys and values once, for n
             shared["past_key_values"] = self._prefill(ids[:, :-1], mask[:, :-1], sampling.n)
             ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
             options.num_return_sequences = 1

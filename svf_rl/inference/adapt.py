@@ -132,6 +132,7 @@ class Adapter:
         if first_pass not in FIRST_PASSES:
             raise ValueError(f"--first-pass must be one of {', '.join(FIRST_PASSES)}, got {first_pass!r}")
         self.first_pass, self.first_pass_tokens = first_pass, first_pass_tokens
+        self.mixed_batches = False  # second pass: every route in the same batches, each row at its own z (HF)
         self.modules = list(next(iter(experts.values())).vectors)
         self.stack = {m: torch.stack([e.vectors[m].float() for e in experts.values()]) for m in self.modules}
 
@@ -310,7 +311,8 @@ class Adapter:
             order[route].append(index)
         cost, started = PassCost(), time.perf_counter()
         groups = generate_per_z(self.engine, [(zs[route], [prompts[i] for i in indices])
-                                              for route, indices in order.items()], self._greedy())
+                                              for route, indices in order.items()], self._greedy(),
+                                mixed=self.mixed_batches)
         completions = [None] * len(items)
         for indices, group in zip(order.values(), groups, strict=True):
             for index, completion in zip(indices, group, strict=True):

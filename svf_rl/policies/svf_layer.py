@@ -61,6 +61,7 @@ class SVFLinear(nn.Module):
         self._reference_weight: torch.Tensor | None = None
         self._step_weight: torch.Tensor | None = None  # W'(z) during a step, as a leaf that collects ∂L/∂W'
         self.base: nn.Parameter | None = None  # inference keeps W: W' = W + U diag(s ⊙ (z − 1)) Vᵀ (keep_base)
+        self.row_z: torch.Tensor | None = None  # [rows, 1, r]: each batch row's own z (per_row_z), no gradient
 
     def _apply(self, fn, recurse=True):
         """model.to(dtype) casts the factors, never z: its updates (about lr·1e-3) would round away in 16 bits."""
@@ -130,6 +131,8 @@ class SVFLinear(nn.Module):
         self._step_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_z is not None:
+            return self.rows_forward(x)
         trains = torch.is_grad_enabled() and self.z.requires_grad and not self.use_reference
         z = self.z if not self.use_reference else torch.ones_like(self.z)
         if not (trains or self.sharded):
@@ -142,6 +145,15 @@ class SVFLinear(nn.Module):
         if self.choose_strategy(x.numel() // x.shape[-1]) == "compose":
             return F.linear(x, self.compose(z), self.bias)
         return self.factored(x, z)
+
+    def rows_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row with its own z, one pair of thin matmuls for all of them: Wx + U((s ⊙ (z − 1)) ⊙ Vᵀx)
+        with W kept, else U((s ⊙ z) ⊙ Vᵀx)."""
+        scale = self.s.float() * (self.row_z - 1 if self.base is not None else self.row_z)
+        out = F.linear((F.linear(x, self.Vh).float() * scale).to(x.dtype), self.U)
+        if self.base is not None:
+            return F.linear(x, self.base, self.bias) + out
+        return out if self.bias is None else out + self.bias
 
     def factored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """U (s ⊙ z ⊙ Vᵀx): the scale is applied in fp32, so that z's gradient (a sum over tokens) is fp32 too."""
@@ -234,6 +246,21 @@ def policy_step(model: nn.Module, tokens: int, compose_once: bool = True) -> Ite
     finally:
         for layer in layers:
             layer._step_weight = None
+
+
+@contextlib.contextmanager
+def per_row_z(model: nn.Module, rows: list[dict[str, torch.Tensor] | None]) -> Iterator[None]:
+    """Forwards whose batch row i runs at z = rows[i] (None: the base model, z = 1): several experts in one batch,
+    each layer scaling Vᵀx per row (exact per-request experts, as they all share U and V)."""
+    layers = svf_layers(model)
+    for name, layer in layers.items():
+        layer.row_z = torch.stack([torch.ones_like(layer.z) if z is None else z[name].to(layer.z)
+                                   for z in rows]).detach()[:, None, :]
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.row_z = None
 
 
 @contextlib.contextmanager
