@@ -34,7 +34,8 @@ def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[floa
     p = successes / total
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The bounds hold p itself: at p = 0 or 1 they meet it only up to rounding (1 - 1e-17 is not 1).
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -101,8 +102,8 @@ def plot_curve(metrics: list[dict], path: Path) -> None:
         ax.plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward (mean)", alpha=0.7)
     if evals:
         ax.errorbar([r["step"] for r in evals], [r["eval/accuracy"] for r in evals],
-                    yerr=[[r["eval/accuracy"] - r["eval/accuracy_low"] for r in evals],
-                          [r["eval/accuracy_high"] - r["eval/accuracy"] for r in evals]],
+                    yerr=[[max(0.0, r["eval/accuracy"] - r["eval/accuracy_low"]) for r in evals],
+                          [max(0.0, r["eval/accuracy_high"] - r["eval/accuracy"]) for r in evals]],
                     marker="o", capsize=3, label="held-out accuracy (greedy, 95% CI)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)

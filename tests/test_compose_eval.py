@@ -152,3 +152,16 @@ def test_eval_command_writes_its_result_and_refuses_bad_input_in_one_line(tiny_m
                  "--output", str(out), "--overwrite"]) == 0
     assert "Greatest Common Divisor" in json.loads(out.read_text())["greedy"][0]["prompt"]
     assert main(["eval", "--model", tiny_model_dir]) == 2 and "give --task" in capsys.readouterr().err
+
+
+def test_the_interval_holds_the_rate_and_a_perfect_score_plots(tmp_path):
+    from svf_rl.run_files import plot_curve, wilson_interval
+
+    for total in (1, 7, 100, 200):
+        for successes in range(total + 1):
+            low, high = wilson_interval(successes, total)
+            assert 0 <= low <= successes / total <= high <= 1
+    # 100% with a bound that rounding left a hair below it, as an earlier run recorded it
+    plot_curve([{"step": 1, "reward": 0.5}, {"step": 1, "eval/accuracy": 1.0, "eval/accuracy_low": 0.963,
+                                           "eval/accuracy_high": 0.9999999999999999}], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0

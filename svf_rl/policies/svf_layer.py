@@ -101,6 +101,8 @@ class SVFLinear(nn.Module):
         that write z through a flat buffer or `.data` (DeepSpeed ZeRO-1/2, checkpoint loading) bump no version.
         """
         if self.use_reference:
+            if self.base is not None:
+                return self.base  # W itself: z = 1
             if self._reference_weight is None:
                 with torch.no_grad():
                     weight = self.compose_for_inference(torch.ones_like(self.z))
