@@ -137,6 +137,11 @@ def test_routers_score_each_label_in_one_forward_as_a_full_forward_would(sharp_m
     full = torch.tensor([[(completion_logprobs(ad.model, make_token_batch([p], [a], ad.tokenizer.pad_token_id))
                            .sum().item()) for a in answers] for p in prompts])
     torch.testing.assert_close(ad.answer_logprobs(prompts, answers), full, rtol=0, atol=1e-4)
+    for raw in ([[5, 6, 7], [8, 9]], [[5, 6, 7], [5, 6, 9, 4]], [[5], [5, 6]]):  # no, some, all but one shared
+        expected = torch.tensor([[completion_logprobs(ad.model, make_token_batch([p], [a], ad.tokenizer.pad_token_id))
+                                  .sum().item() for a in ([10], [11, 12, 13])] for p in raw])
+        torch.testing.assert_close(ad.answer_logprobs(raw, [[10], [11, 12, 13]], chunk=1), expected, rtol=0,
+                                   atol=1e-4)
     assert routes == [BASE if labels[i] == "other" else labels[i] for i in full.argmax(1).tolist()]
     assert cost.tokens == sum(map(len, prompts)) + len(prompts) * sum(map(len, answers)) and cost.seconds > 0
     load_z(ad.model, policy)

@@ -12,6 +12,7 @@ The second pass generates with each prompt's z, one batch per distinct z, on any
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from svf_rl.engines.hf import Sampling, chat_ids, generate_per_z
+from svf_rl.engines.hf import Sampling, chat_ids, generate_per_z, left_pad
 from svf_rl.inference.expert import Expert, ExpertError
 from svf_rl.inputs import check_count, check_output, check_split
-from svf_rl.loop.logprobs import completion_features, completion_logprobs, make_token_batch, shares_prefix, token_stats
+from svf_rl.loop.logprobs import completion_logprobs, make_token_batch, shares_prefix
 from svf_rl.policies.svf_layer import load_z, reference_mode, z_vectors
 from svf_rl.rewards import first_label
 from svf_rl.run_files import wilson_interval
@@ -214,19 +215,44 @@ class Adapter:
         return self.answer_logprobs(prompts, tokens).argmax(1).tolist()
 
     @torch.no_grad()
-    def answer_logprobs(self, prompts: list[list[int]], answers: list[list[int]], chunk: int = 16) -> torch.Tensor:
-        """log p(answer | prompt) for every prompt and answer, [prompts, answers], in one forward per prompt: its
-        answers continue from its keys and values (the trainer's shared-prefix forward)."""
-        device = next(self.model.parameters()).device
-        group = len(answers) if shares_prefix(self.model) else 1
+    def answer_logprobs(self, prompts: list[list[int]], answers: list[list[int]], chunk: int = 32) -> torch.Tensor:
+        """log p(answer | prompt) for every prompt and answer, [prompts, answers]. What every prompt starts with
+        (the first pass's instructions) runs once; then each prompt's own tokens, once; then its answers, from its
+        keys and values."""
+        if not shares_prefix(self.model):  # no plain key/value cache to share: whole sequences
+            return torch.tensor([[completion_logprobs(self.model, make_token_batch(
+                [p], [a], self.tokenizer.pad_token_id).to(self.model.device)).sum().item() for a in answers]
+                for p in prompts])
+        device, pad = next(self.model.parameters()).device, self.tokenizer.pad_token_id
+        shared = 0  # the longest common start, leaving each prompt at least one token of its own
+        while shared < min(map(len, prompts)) - 1 and len({p[shared] for p in prompts}) == 1:
+            shared += 1
+        prefix = self.model(input_ids=torch.tensor([prompts[0][:shared]], device=device),
+                            use_cache=True).past_key_values if shared else None
+        answer_ids, answer_mask = right_pad(answers, pad)
+        answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
         rows = []
         for start in range(0, len(prompts), chunk):
-            part = prompts[start:start + chunk]
-            batch = make_token_batch([p for p in part for _ in answers], [a for _ in part for a in answers],
-                                     self.tokenizer.pad_token_id).to(device)
-            features = completion_features(self.model, self.model, batch, group)
-            logp, _ = token_stats(features, batch.completion_ids, 1.0)
-            rows.append((logp * batch.completion_mask).sum(1).float().cpu().view(len(part), len(answers)))
+            own_ids, own_mask = left_pad([p[shared:] for p in prompts[start:start + chunk]], pad)
+            n, k = len(own_ids), len(answers)
+            mask = torch.cat([own_mask.new_ones(n, shared), own_mask], 1).to(device)
+            cache = copy.deepcopy(prefix) if prefix is not None else None
+            if cache is not None:
+                cache.batch_repeat_interleave(n)
+            own = self.model(input_ids=own_ids.to(device), attention_mask=mask, use_cache=True,
+                             position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, shared:], past_key_values=cache)
+            first = torch.log_softmax(own.logits[:, -1].float(), -1)  # predicts each answer's first token
+            logp = first.repeat_interleave(k, 0).gather(1, answer_ids[:, :1].repeat(n, 1))
+            if answer_ids.shape[1] > 1:  # the answers' other tokens, every prompt's cache repeated for each answer
+                cache = own.past_key_values
+                cache.batch_repeat_interleave(k)
+                full = torch.cat([mask.repeat_interleave(k, 0), answer_mask.repeat(n, 1)], 1)
+                rest = self.model(input_ids=answer_ids[:, :-1].repeat(n, 1), attention_mask=full[:, :-1],
+                                  position_ids=(full.cumsum(1) - 1)[:, mask.shape[1]:-1], past_key_values=cache,
+                                  use_cache=True).logits
+                later = torch.log_softmax(rest.float(), -1).gather(2, answer_ids[:, 1:].repeat(n, 1)[..., None])
+                logp = torch.cat([logp, later.squeeze(-1)], 1)
+            rows.append((logp * answer_mask.repeat(n, 1)).sum(1).cpu().view(n, k))
         return torch.cat(rows)
 
     def search_alpha(self, shots: list[Item], cem: CEM, max_new_tokens: int | None = None
@@ -405,6 +431,12 @@ def shot_sets(tasks: dict[str, Task], split: str, shots: int, seed: int, one_for
         return per_task
     every = [item for group in per_task.values() for item in group]
     return {"mixture": every[::len(tasks)] if len(every) > shots else every}
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+    return ids, torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
 
 
 def named_category(text: str, names: list[str]) -> str:
