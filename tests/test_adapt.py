@@ -16,6 +16,7 @@ from svf_rl.inference.adapt import (
     Item,
     check_disjoint,
     classifier_task,
+    common_start,
     expert_name,
     mixture,
     named_category,
@@ -143,7 +144,9 @@ def test_routers_score_each_label_in_one_forward_as_a_full_forward_would(sharp_m
         torch.testing.assert_close(ad.answer_logprobs(raw, [[10], [11, 12, 13]], chunk=1), expected, rtol=0,
                                    atol=1e-4)
     assert routes == [BASE if labels[i] == "other" else labels[i] for i in full.argmax(1).tolist()]
-    assert cost.tokens == sum(map(len, prompts)) + len(prompts) * sum(map(len, answers)) and cost.seconds > 0
+    shared = common_start(prompts)  # the instructions, read once
+    assert 0 < shared < min(map(len, prompts)) and cost.seconds > 0
+    assert cost.tokens == shared + sum(len(p) - shared for p in prompts) + len(prompts) * sum(map(len, answers))
     load_z(ad.model, policy)
     ad.first_pass = "generate"
     generated, _ = ad.route_by_prompt(items)

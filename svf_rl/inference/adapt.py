@@ -34,8 +34,9 @@ from svf_rl.task import Task, load_task, safe_score
 BASE = "base"  # the route of a prompt that no expert claims: the base model, z = 1
 STRATEGIES = ("base", "oracle", "prompt", "classifier", "few-shot")
 FIRST_PASSES = ("score", "generate")  # the routers: score each category's log-prob, or generate and read
+# The instructions first: what all prompts share is read once by the scored first pass.
 CLASSIFY_PROMPT = ("Which category does this question belong to? Categories:\n{options}\n- other: anything else\n\n"
-                   "<question>\n{question}\n</question>\n\nAnswer with \\boxed{{category}} and nothing else.")
+                   "Answer with \\boxed{{category}} and nothing else.\n\n<question>\n{question}\n</question>")
 
 
 @dataclass
@@ -211,7 +212,8 @@ class Adapter:
     def _likeliest(self, prompts: list[list[int]], answers: list[str], cost: PassCost) -> list[int]:
         """Per prompt, the index of the likeliest answer text under the model as it is, counting the tokens read."""
         tokens = [self.tokenizer.encode(answer, add_special_tokens=False) for answer in answers]
-        cost.tokens += sum(len(p) for p in prompts) + len(prompts) * sum(len(t) for t in tokens)
+        shared = common_start(prompts) if shares_prefix(self.model) else 0  # read once
+        cost.tokens += shared + sum(len(p) - shared for p in prompts) + len(prompts) * sum(map(len, tokens))
         return self.answer_logprobs(prompts, tokens).argmax(1).tolist()
 
     @torch.no_grad()
@@ -224,9 +226,7 @@ class Adapter:
                 [p], [a], self.tokenizer.pad_token_id).to(self.model.device)).sum().item() for a in answers]
                 for p in prompts])
         device, pad = next(self.model.parameters()).device, self.tokenizer.pad_token_id
-        shared = 0  # the longest common start, leaving each prompt at least one token of its own
-        while shared < min(map(len, prompts)) - 1 and len({p[shared] for p in prompts}) == 1:
-            shared += 1
+        shared = common_start(prompts)
         prefix = self.model(input_ids=torch.tensor([prompts[0][:shared]], device=device),
                             use_cache=True).past_key_values if shared else None
         answer_ids, answer_mask = right_pad(answers, pad)
@@ -431,6 +431,14 @@ def shot_sets(tasks: dict[str, Task], split: str, shots: int, seed: int, one_for
         return per_task
     every = [item for group in per_task.values() for item in group]
     return {"mixture": every[::len(tasks)] if len(every) > shots else every}
+
+
+def common_start(prompts: list[list[int]]) -> int:
+    """How many tokens every prompt starts with, leaving each at least one of its own."""
+    shared = 0
+    while shared < min(map(len, prompts)) - 1 and len({p[shared] for p in prompts}) == 1:
+        shared += 1
+    return shared
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
