@@ -489,8 +489,6 @@ def parse_named(items: list[str], option: str = "--describe", value: str = "TEXT
     return dict(pairs)
 
 
-parse_descriptions = parse_named
-
 
 def check_adaptation(names: list[str], strategy: str, classifier: str | None, split: str, size: int, shots: int,
                      shot_split: str, max_new_tokens: int | None, engine: str, descriptions: dict[str, str],

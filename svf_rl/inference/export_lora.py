@@ -66,11 +66,10 @@ def export_lora(expert_path: str | Path, output_dir: str | Path, rank: int, mode
         A, B, kept[name] = lora_factors(U, s, Vh, module_z(expert, name, s), rank)
         factors[name] = (A, B)
     # Short names ("down_proj") where every such module is a target, as servers expect; full names otherwise.
-    every = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
     short = {n.rsplit(".", 1)[-1] for n in names}
     whole = all(n in names for n, m in lm.named_modules()
                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in short)
-    targets = sorted(short) if whole and short <= every else names
+    targets = sorted(short) if whole else names
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, bias="none",
                         init_lora_weights=False)
     with warnings.catch_warnings():
