@@ -3,6 +3,7 @@ trains is the policy's business (svf_rl.policies)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -256,6 +257,12 @@ CALIBRATION_PROMPTS = 64  # training prompts a policy may look at when it attach
 
 
 def score_base_model(run: Run) -> None:
+    """π_ref's test score: the base model, also for a policy that does not start at it (a mixture of experts)."""
+    with contextlib.nullcontext() if run.policy.starts_at_base else run.policy.reference():
+        base_scores(run)
+
+
+def base_scores(run: Run) -> None:
     config, state = run.config, run.state
     state.base_test = evaluate(run.task, run.test_rows, run.tokenizer, run.engine, config, run.accelerator)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in run.policy.parameters())  # ZeRO-3: whole

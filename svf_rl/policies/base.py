@@ -20,6 +20,7 @@ class PolicyError(ValueError):
 class Policy(typing.Protocol):
     name: str
     artefact: str  # what a run saves, in its output directory: a file or a directory name
+    starts_at_base: bool  # its starting parameters are the base model (else the base is scored as π_ref)
     DEFAULT_LR: dict[str, float]  # policy name → a rate that learns on the embedded default, with its source
 
     def attach(self, model: nn.Module, prompts: list[list[int]], progress: bool = False) -> None:

@@ -114,6 +114,7 @@ DEFAULT_LR = {"lora": 5e-4, "dora": 5e-4, "loraplus": 2e-4, "lorafa": 5e-4, "ada
 class PeftPolicy:
     DEFAULT_LR = DEFAULT_LR
     artefact = "adapter"
+    starts_at_base = True  # B = 0 (PiSSA: W − B₀A₀ + B₀A₀)
     checkpoint_key = "adapter"
 
     def __init__(self, config, kind: str | None = None, name: str | None = None):

@@ -29,6 +29,7 @@ class SVFArgs:
 class SVFPolicy:
     name = "svf"
     artefact = "expert.safetensors"
+    starts_at_base = True
     checkpoint_key = "z"
     DEFAULT_LR = {"svf": 3e-3}  # chosen on validation for the embedded default (benchmarks/RESULTS.md, Learning)
 
