@@ -198,3 +198,27 @@ def test_dynamic_sampling_keeps_and_deals_the_same_groups_whatever_the_number_of
                                                                          want["informative_groups"])
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
     assert_same_z(z_at(Path(double.output_dir), 2), z_at(Path(single.output_dir), 2), reference, double)
+
+
+HYDRA = dict(COMPARED, policy="hydralora", targets="mlp", lr=20.0, policy_args={"experts": 2, "rank": 2})
+
+
+def routed_at(run: Path, step: int) -> dict:
+    state = torch.load(run / "checkpoints" / f"step_{step:06d}" / "custom_checkpoint_0.pkl", weights_only=True)
+    return state["routed"]
+
+
+def test_two_ddp_processes_train_the_same_routed_policy_as_one(tiny_model_dir, tmp_path):
+    """Routed layers (HydraLoRA: per-token gates, a shared A) through DDP: the same router and experts as one
+    process, to the rounding bound."""
+    single = tiny_config(tiny_model_dir, tmp_path / "single", steps=2, save_every=2, eval_every=2, **HYDRA)
+    train(single)
+    double = tiny_config(tiny_model_dir, tmp_path / "double", steps=2, save_every=2, eval_every=2, **HYDRA)
+    launch("ddp", double, 29571)
+    steps, reference = step_metrics(Path(double.output_dir)), step_metrics(Path(single.output_dir))
+    assert [s["param_rank_spread"] for s in steps] == [0.0, 0.0]
+    for got, want in zip(steps, reference, strict=True):
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    want = routed_at(Path(single.output_dir), 2)
+    start = {k: torch.zeros_like(v) for k, v in want.items() if k.endswith((".B", "router.weight", "router.bias"))}
+    assert_same_z(routed_at(Path(double.output_dir), 2), want, reference, double, start)

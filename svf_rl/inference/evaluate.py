@@ -107,14 +107,21 @@ def eval_target(experts: list[str], model: str | None, task: str | None, task_ar
     """(base model, task, task arguments) to evaluate: as given, else the (first) expert's own; the base model
     alone runs on the embedded model unless `model` says otherwise. The model is checked (one line)."""
     from svf_rl.inference.adapters import adapter_info, base_model_for_adapter, is_adapter_dir
+    from svf_rl.policies.routing import is_routed_file, read_routed
 
     adapter = bool(experts) and is_adapter_dir(experts[0])
-    if adapter and len(experts) > 1:
-        raise ValueError(f"{experts[0]} is a PEFT adapter; adapters are scored one at a time, not composed")
-    first = None if adapter or not experts else load_expert(experts[0])
+    routed = bool(experts) and is_routed_file(experts[0])
+    if (adapter or routed) and len(experts) > 1:
+        raise ValueError(f"{experts[0]} is a {'PEFT adapter' if adapter else 'routed policy'}; it is scored alone, "
+                         "not composed")
+    first = None if adapter or routed or not experts else load_expert(experts[0])
     config = adapter_info(experts[0]).get("config", {}) if adapter else (first.config if first else {})
     if adapter:
         model = base_model_for_adapter(experts[0], model)
+    elif routed:
+        info = read_routed(experts[0])[1]
+        config, model = info["config"], model or info["base_model"]
+        check_model_id(model)
     elif first is None:
         model = EMBEDDED_MODEL if model is None else model
         check_model_id(model)
@@ -201,12 +208,16 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     loads."""
     model, task, task_args = eval_target(list(experts), model, task, task_args)
     from svf_rl.inference.adapters import is_adapter_dir, merged_model
+    from svf_rl.policies.routing import is_routed_file, routed_model
 
     adapter = bool(experts) and is_adapter_dir(experts[0])
-    if adapter and alpha is not None:
-        raise ValueError("--alpha weighs SVF experts; a PEFT adapter is scored as it is")
+    routed = bool(experts) and is_routed_file(experts[0])
+    if (adapter or routed) and alpha is not None:
+        raise ValueError("--alpha weighs SVF experts; a PEFT adapter or routed policy is scored as it is")
+    if routed and engine != "hf":
+        raise ValueError(f"{experts[0]} routes each token inside its layers, which vLLM does not run; use --engine hf")
     check_mixing(mixing)
-    loaded = [] if adapter else [load_expert(path) for path in experts]
+    loaded = [] if adapter or routed else [load_expert(path) for path in experts]
     check_evaluation(loaded, [str(p) for p in experts], alpha, split, size, max_new_tokens, samples, temperature,
                      top_p, engine)
     if output is not None:
@@ -218,6 +229,8 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
         raise TaskError(f"task {task_obj.name}: the {split} split holds no problems")
     if adapter:
         (model_obj, tokenizer, merged), expert = merged_model(experts[0], model, dtype), None
+    elif routed:
+        (model_obj, tokenizer), expert, merged = routed_model(experts[0], model, dtype), None, []
     else:
         (model_obj, tokenizer, expert), merged = model_with_experts(model, loaded, alpha, dtype,
                                                                     [str(p) for p in experts], mixing), []
@@ -226,7 +239,20 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     result = {"model": model, "experts": [str(p) for p in experts], "alpha": alpha, "task": task_obj.name,
               "split": split, "n": len(rows), **{k: greedy[k] for k in ("accuracy", "accuracy_low", "accuracy_high")},
               "max_new_tokens": max_new_tokens}
+    if all("source" in row for row in rows):  # a task of several (mixed): each source's own accuracy too
+        per_source: dict[str, list[float]] = {}
+        for row, item in zip(rows, greedy["greedy"], strict=True):
+            per_source.setdefault(row["source"], []).append(item["score"])
+        result["per_source"] = {k: sum(v) / len(v) for k, v in sorted(per_source.items())}
     prompts = [chat_ids(tokenizer, task_obj.prompt(row)) for row in rows]
+    if routed:  # which expert each source's tokens went to: prompt and greedy answer, teacher-forced
+        from svf_rl.policies.routing import read_routed, routing_by_group
+
+        groups: dict[str, list[list[int]]] = {}
+        for row, ids, item in zip(rows, prompts, greedy["greedy"], strict=True):
+            answer = tokenizer(item["completion"], add_special_tokens=False).input_ids
+            groups.setdefault(row.get("source", "all"), []).append(ids + answer)
+        result["routing"] = routing_by_group(model_obj, groups, read_routed(experts[0])[1]["labels"])
     if samples > 0:
         per_call = max(1, batch_size // samples)
         sampled = []

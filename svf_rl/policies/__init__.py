@@ -13,6 +13,9 @@ weights a rollout engine needs after a step, the saved artefact, its metrics and
     ia3      a trained scale per output (or input) feature (PEFT)
     delta_lora LoRA whose base weight also moves by each step's change of BA (svf-rl)
     lora_drop LoRA on the layers whose adapter output moved most in a short LoRA run (svf-rl)
+    mixture  SVF experts mixed per token by a learned router: z(x) = 1 + Σₖ gₖ(x)(zₖ − 1) (svf-rl)
+    hydralora one shared A, K B's, a router per layer (HydraLoRA; svf-rl)
+    molora   K LoRA experts, a router per layer (MoLoRA; svf-rl)
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ POLICIES = {
        ("lora", "dora", "loraplus", "lorafa", "vera", "adalora", "tinylora", "ia3")},
     "delta_lora": "svf_rl.policies.delta_lora:DeltaLoraPolicy",
     "lora_drop": "svf_rl.policies.lora_drop:LoraDropPolicy",
+    "mixture": "svf_rl.policies.mixture:MixturePolicy",
+    "hydralora": "svf_rl.policies.routed_lora:RoutedLoraPolicy",
+    "molora": "svf_rl.policies.routed_lora:RoutedLoraPolicy",
 }
 
 

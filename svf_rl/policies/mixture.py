@@ -1,0 +1,197 @@
+"""A mixture of SVF experts: each token's z is 1 + Σₖ gₖ(x)(zₖ − 1), on the base model's own U, s, Vᵀ.
+
+The experts are expert files trained on this base model (frozen unless `train_experts`); the options are the
+base model (g₀, which adds nothing) and the K experts, and a router per adapted layer gives each token its
+gates from the layer's input (MoV's per-token soft routing, here over singular-value scales). The layer runs
+factored, U((s ⊙ z(x)) ⊙ Vᵀx), which costs (in + out)·r per token. π_ref is the base model (z = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svf_rl.policies.base import PolicyError, check_args
+from svf_rl.policies.routing import RoutedPolicy, Router
+from svf_rl.policies.svf_layer import SVFLinear, apply_svf, reference_mode, svf_layers
+
+
+@dataclass
+class MixtureArgs:
+    experts: list = field(default_factory=list)  # expert files of this base model and targets
+    routing: str = "token"
+    top_k: int = 0  # 0: every option; k: the k largest gates of base + experts (the rest: the base)
+    balance: float = 0.0  # coefficient of the load-balancing term (routing.py)
+    train_experts: bool = False  # the experts' z train too (MoV trains all), from their trained values
+
+    def check(self):
+        if not self.experts or not all(isinstance(e, str) and e for e in self.experts):
+            return "experts must list at least one expert file, e.g. policy_args.experts=[runs/a/expert.safetensors]"
+        if self.routing != "token":
+            return f"routing must be token (each token's gates from its layer input), got {self.routing!r}"
+        if not 0 <= self.top_k <= len(self.experts) + 1:
+            return f"top_k must be 0 (all) or at most {len(self.experts) + 1} (the base and each expert)"
+        if self.balance < 0:
+            return f"balance must be >= 0, got {self.balance}"
+
+
+class MixtureLinear(SVFLinear):
+    """An SVF layer whose z is mixed per token from frozen (or trained) expert vectors."""
+
+    def __init__(self, layer: SVFLinear, experts: torch.Tensor, router: Router, train_experts: bool):
+        super().__init__(layer.U.data, layer.s.data, layer.Vh.data, layer.bias, "factored")
+        self.z.requires_grad_(False)  # stays 1
+        self.cache_policy = self.cache_reference = False  # π_ref's forwards run factored: no W'(1) kept
+        self.experts = nn.Parameter(experts.float().to(layer.s.device), requires_grad=train_experts)  # [K, r]
+        self.router = router.to(layer.s.device)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) casts the factors, never the experts or the router: their updates would round away."""
+        super()._apply(fn, recurse)
+        for param in (self.experts, *self.router.parameters()):
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_reference:
+            return super().forward(x)
+        gates = self.router(x)  # [..., 1 + K]: the base, then each expert
+        z = 1 + gates[..., 1:] @ (self.experts - 1)
+        scaled = (F.linear(x, self.Vh).float() * (self.s.float() * z)).to(x.dtype)
+        return F.linear(scaled, self.U, self.bias)
+
+
+class MixturePolicy(RoutedPolicy):
+    name = "mixture"
+    starts_at_base = False  # it starts at the experts' uniform mixture
+    DEFAULT_LR = {"mixture": 1e-2}  # chosen on validation over 1e-3 (benchmarks/RESULTS.md §12, one seed)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.args = check_args("mixture", MixtureArgs, config.policy_args)
+        self.experts = read_experts(self.args.experts, config.targets)
+        self.labels = ["base"] + expert_labels(self.args.experts, self.experts)
+
+    @classmethod
+    def from_file(cls, config, tensors: dict, info: dict):
+        """The mixture as saved: its experts' vectors are read from the file, not from their paths."""
+        from svf_rl.inference.expert import Expert
+
+        policy = cls.__new__(cls)
+        RoutedPolicy.__init__(policy, config)
+        policy.args = check_args("mixture", MixtureArgs, config.policy_args)
+        names = [k.removesuffix(".experts") for k in tensors if k.endswith(".experts")]
+        policy.experts = [Expert({n: tensors[f"{n}.experts"][k] for n in names}, info["base_model"],
+                                 info["base_fingerprint"], info["targets"], label)
+                          for k, label in enumerate(info["labels"][1:])]
+        policy.labels = list(info["labels"])
+        return policy
+
+    def attach(self, model, prompts=(), progress: bool = False) -> None:
+        from svf_rl.base_model import cache_root
+        from svf_rl.inference.expert import ExpertError, as_scale_expert
+        from svf_rl.svd import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+        apply_svf(model, self.targets, "factored", cache_root() / "svd", progress=progress)
+        layers = svf_layers(model)
+        shapes = {name: layer.z.numel() for name, layer in layers.items()}
+        vectors = []
+        for path, expert in zip(self.args.experts, self.experts, strict=True):
+            try:
+                expert.check_compatible(shapes, fingerprint, self.targets)
+            except ExpertError as err:
+                raise PolicyError(f"policy_args.experts: {path}: {err}") from None
+            vectors.append(as_scale_expert(expert, lambda module: layers[module].s).vectors)
+        options = len(vectors) + 1
+        for name, layer in layers.items():
+            router = Router(layer.in_features, options, self.args.top_k, self.args.balance)
+            mixed = MixtureLinear(layer, torch.stack([v[name] for v in vectors]), router, self.args.train_experts)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, mixed)
+        self.model, self.layers = model, svf_layers(model)
+
+    def centre(self, name: str) -> float:
+        return 1.0 if name.endswith(".experts") else 0.0  # decayed experts go towards the base (z = 1)
+
+    def reference(self):
+        return reference_mode(self.model)
+
+    def saved_args(self) -> dict:
+        """The experts as recorded in the file: their paths, SHA-256 and tasks (their vectors are in it)."""
+        import dataclasses
+        import hashlib
+
+        args = dataclasses.asdict(self.args)
+        args["expert_files"] = [{"path": str(Path(p).resolve()), "task": e.task, "label": label,
+                                 "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()}
+                                for p, e, label in zip(self.args.experts, self.experts, self.labels[1:], strict=True)]
+        return args
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """Every router, and every expert's z (trained or not): the file alone rebuilds the mixture."""
+        return {f"{name}.{part}": tensor.detach().float().cpu().clone() for name, layer in self.layers.items()
+                for part, tensor in saved_parts(layer)}
+
+    def load(self, path, fingerprint: str) -> None:
+        from svf_rl.policies.routing import read_routed
+
+        tensors, info = read_routed(path)
+        if info["base_fingerprint"] != fingerprint:
+            raise PolicyError(f"{path} was trained on other base weights (fingerprint {info['base_fingerprint']}, "
+                              f"this model's is {fingerprint})")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                for part, tensor in saved_parts(layer):
+                    key = f"{name}.{part}"
+                    if key not in tensors or tensors[key].shape != tensor.shape:
+                        raise PolicyError(f"{path} does not fit this mixture: {key} is missing or of another shape")
+                    tensor.copy_(tensors[key])
+
+    def memory(self, targets: list[tuple[str, int, int]], b: int) -> dict:
+        """Factors instead of each W (U, s, Vᵀ less W), K expert vectors, a router per layer."""
+        k = len(self.experts)
+        ranks = sum(min(o, i) for _, o, i in targets)
+        factors = sum(o * min(o, i) + min(o, i) + min(o, i) * i - o * i for _, o, i in targets)
+        trainable = (k + 1) * sum(i + 1 for _, _, i in targets) + (k * ranks if self.args.train_experts else 0)
+        frozen = factors * b + (0 if self.args.train_experts else k * ranks * 4)
+        return {"trainable": trainable, "frozen_bytes": frozen, "rank": max(min(o, i) for _, o, i in targets)}
+
+
+def saved_parts(layer: MixtureLinear) -> list[tuple[str, torch.Tensor]]:
+    return [("router.weight", layer.router.weight), ("router.bias", layer.router.bias), ("experts", layer.experts)]
+
+
+def read_experts(paths: list[str], targets: str) -> list:
+    """The experts, read and checked against each other and the targets, in one line each, before a model loads."""
+    from svf_rl.inference.expert import ExpertError, load_expert
+
+    experts = []
+    for path in paths:
+        try:
+            experts.append(load_expert(path))
+        except ExpertError as err:
+            raise PolicyError(f"policy_args.experts: {err}") from None
+    first = experts[0]
+    for path, expert in zip(paths, experts, strict=True):
+        if expert.targets != targets:
+            raise PolicyError(f"policy_args.experts: {path} was trained with targets {expert.targets!r}, this run "
+                              f"targets {targets!r}")
+        if expert.base_fingerprint != first.base_fingerprint or set(expert.vectors) != set(first.vectors):
+            raise PolicyError(f"policy_args.experts: {path} and {paths[0]} were trained on other base weights or "
+                              f"layers; a mixture needs experts of one base model")
+    return experts
+
+
+def expert_labels(paths: list[str], experts: list) -> list[str]:
+    """Each expert's task (or file stem), made unique."""
+    labels = []
+    for path, expert in zip(paths, experts, strict=True):
+        label = expert.task or Path(path).stem
+        labels.append(label if label not in labels and label != "base" else f"{label}{len(labels) + 1}")
+    return labels

@@ -1,0 +1,351 @@
+"""Per-token soft routing, shared by the mixture policies (mixture, hydralora, molora).
+
+Each adapted layer has its own router, an affine map of the layer's input to one logit per option, as in MoV and
+MoLoRA: gates = softmax(R x + b). With top-k only the k largest are kept and the others set to 0, not
+renormalised (as in Switch): the dropped share adds nothing, which is the base model, and a top-1 gate keeps
+its gradient (renormalised, it would be 1 whatever the router). R and b start at zero, so every option starts
+with an equal share, unless `random_init` (routed LoRA experts: they all start at B = 0, so a router at zero gives
+them equal gates and equal gradients, and with HydraLoRA's shared A they would stay identical for ever; a random
+router, like nn.Linear's default, breaks that symmetry as HydraLoRA's and MoLoRA's own code does).
+
+The load-balancing term is Switch Transformer's, per layer and forward: n · Σₖ fₖ Pₖ over that forward's
+positions, where fₖ is the share of them whose largest probability is option k (no gradient) and Pₖ the mean
+probability (before top-k); it is 1 when routing is uniform. Each forward's term is weighted by its share of the
+step's positions and the layers are averaged, so a step adds up to a token-weighted mean (per rank under DDP,
+as Switch computes it per device). Its gradient joins the loss's through the probabilities themselves (a
+pass-through whose backward adds it). It is a penalty on the router at the sampled tokens, not a reward: its
+gradient is the term's own gradient there, and the tokens' dependence on the router (which REINFORCE's score
+function would carry) is not part of it, as in supervised MoE training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _AddGradient(torch.autograd.Function):
+    """Identity forward; backward adds a constant gradient (the balance term's ∂/∂gates)."""
+
+    @staticmethod
+    def forward(ctx, gates, extra):
+        ctx.save_for_backward(extra)
+        return gates.view_as(gates)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (extra,) = ctx.saved_tensors
+        return grad + extra, None
+
+
+class Router(nn.Module):
+    def __init__(self, in_features: int, options: int, top_k: int = 0, balance: float = 0.0,
+                 random_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(options, in_features))
+        if random_init:
+            bound = in_features ** -0.5  # nn.Linear's default
+            nn.init.uniform_(self.weight, -bound, bound)
+        self.bias = nn.Parameter(torch.zeros(options))
+        self.top_k, self.balance = top_k, balance
+        self.step_tokens = 0  # positions the optimiser step forwards (set in its scope); 0: this forward's
+        self.layers = 1  # routed layers in the model: the balance term is their mean
+        self.stats: dict[str, torch.Tensor] = {}
+
+    @property
+    def options(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., options] fp32 gates for each position of x [..., in]."""
+        probs = F.linear(x.float(), self.weight.float(), self.bias.float()).softmax(-1)
+        flat = probs.detach().reshape(-1, self.options)
+        top1 = F.one_hot(flat.argmax(-1), self.options).float()
+        if self.balance > 0 and torch.is_grad_enabled() and self.weight.requires_grad:
+            tokens = flat.shape[0]
+            share = top1.mean(0)  # fₖ
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            # ∂(n Σ fₖ Pₖ)/∂probs[t, k] = n fₖ / T; the step's T and the layer mean, summed over ranks
+            scale = self.balance * self.options / (max(self.step_tokens, tokens) * self.layers * world)
+            probs = _AddGradient.apply(probs, (scale * share).expand_as(probs).contiguous())
+        gates = probs
+        if 0 < self.top_k < self.options:
+            kept = probs.topk(self.top_k, -1).indices
+            gates = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
+        self.record(flat, top1, "update" if torch.is_grad_enabled() else "rollout")
+        return gates
+
+    @torch.no_grad()
+    def record(self, probs: torch.Tensor, top1: torch.Tensor, phase: str) -> None:
+        """Sums over positions: gates, top-1 counts, entropy, and the positions themselves."""
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        new = torch.cat([probs.sum(0), top1.sum(0), entropy.sum()[None], torch.tensor([float(len(probs))],
+                                                                                          device=probs.device)])
+        self.stats[phase] = new if phase not in self.stats else self.stats[phase] + new
+
+
+def routers(model: nn.Module) -> list[Router]:
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def set_step(model: nn.Module, tokens: int) -> None:
+    layers = routers(model)
+    for router in layers:
+        router.step_tokens, router.layers = tokens, len(layers)
+
+
+def routing_metrics(model: nn.Module, labels: list[str]) -> dict[str, float]:
+    """Since the last call, over every routed layer: the mean routing entropy (nats), each option's mean gate
+    (`route_share/...`) and share of top-1 choices in the update, the same shares in the rollouts, and the
+    Switch balance term n Σ fₖ Pₖ (1 = uniform). Resets the counts."""
+    out: dict[str, float] = {}
+    layers = routers(model)
+    if not layers:
+        return out
+    n = layers[0].options
+    for phase, prefix in (("update", "route"), ("rollout", "route_rollout")):
+        sums = [r.stats[phase] for r in layers if phase in r.stats]
+        if not sums:
+            continue
+        per_layer = torch.stack(sums)  # [layers, 2n + 2]
+        positions = per_layer[:, -1:].clamp_min(1)
+        mean_gate, top1 = per_layer[:, :n] / positions, per_layer[:, n:2 * n] / positions
+        out[f"{prefix}_entropy"] = (per_layer[:, 2 * n] / positions[:, 0]).mean().item()
+        for k, label in enumerate(labels):
+            out[f"{prefix}_share/{label}"] = mean_gate[:, k].mean().item()
+            out[f"{prefix}_top1/{label}"] = top1[:, k].mean().item()
+        if phase == "update":
+            out["route_balance"] = (n * (mean_gate * top1).sum(1)).mean().item()
+    for router in layers:
+        router.stats.clear()
+    return out
+
+
+FORMAT = "svf-rl-routed"  # a routed policy's file: its tensors by name, what it is in the metadata
+
+
+class RoutedPolicy:
+    """What the routed policies share: their layers' trainable tensors by name, the routers' step scope and
+    statistics, and one safetensors file. A subclass attaches its layers (`self.layers`: name → module), names
+    its options (`labels`) and its π_ref."""
+
+    artefact = "mixture.safetensors"
+    starts_at_base = True  # every B at 0 (a mixture of trained experts does not)
+    checkpoint_key = "routed"
+    labels: list[str]
+
+    def __init__(self, config):
+        from svf_rl.policies.base import PolicyError
+
+        if config.engine != "hf":
+            raise PolicyError(f"policy {config.policy!r} routes each token inside its layers, which vLLM engines do "
+                              "not run; use engine=hf")
+        self.targets, self.model, self.layers, self.sharded = config.targets, None, {}, False
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"{layer_name}.{name}": p for layer_name, layer in self.layers.items()
+                for name, p in layer.named_parameters() if p.requires_grad}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.named_parameters().values())
+
+    @classmethod
+    def from_file(cls, config, tensors: dict, info: dict):
+        """The policy a saved file describes (`config`: its policy, arguments and targets)."""
+        return cls(config)
+
+    def centre(self, name: str) -> float:
+        """What weight decay pulls a tensor towards (0: a router's uniform gates, a LoRA expert's no change)."""
+        return 0.0
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        groups: dict[float, list] = {}
+        for name, param in self.named_parameters().items():
+            groups.setdefault(self.centre(name), []).append(param)
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay, "centre": centre}
+                for centre, params in groups.items()]
+
+    def optimizer(self, optimizer_class, lr: float, weight_decay: float, **kwargs):
+        return optimizer_class(self.param_groups(lr, weight_decay), **kwargs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().float().cpu().clone() for name, p in self.named_parameters().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from svf_rl.policies.base import PolicyError
+
+        params = self.named_parameters()
+        if set(state) != set(params):
+            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            raise PolicyError(f"the {self.name} state does not match this policy's tensors ("
+                              f"{len(missing)} missing, e.g. {missing[:1]}; {len(extra)} unknown, e.g. {extra[:1]})")
+        with torch.no_grad():
+            for name, value in state.items():
+                if value.shape != params[name].shape:
+                    raise PolicyError(f"{name}: shape {tuple(value.shape)}, this policy's is "
+                                      f"{tuple(params[name].shape)}")
+                params[name].copy_(value)
+
+    @contextlib.contextmanager
+    def step(self, tokens: int, gather_per_step: bool):
+        """The balance term is scaled by the step's token positions (each micro-batch adds its share)."""
+        set_step(self.model, tokens)
+        try:
+            yield
+        finally:
+            set_step(self.model, 0)
+
+    def regulariser(self) -> None:
+        return None  # the balance term joins through the gates (see above)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def engine_weights(self):
+        raise NotImplementedError(f"{self.name} computes its weights per token; no engine can load them")
+
+    def server_setup(self) -> dict:
+        raise NotImplementedError(f"{self.name} computes its weights per token; no engine can load them")
+
+    server_update = server_setup
+
+    def metrics(self) -> dict[str, float]:
+        return routing_metrics(self.model, self.labels)
+
+    def progress(self, metrics: dict) -> str:
+        return f"route H {metrics.get('route_entropy', float('nan')):.2f}"
+
+    def shard(self) -> None:
+        self.sharded = True
+
+    def save(self, path, record: dict, scores: dict):
+        """One safetensors file, written atomically: the trained tensors, and what they are in the metadata."""
+        import json
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        info = {"format": FORMAT, "policy": self.name, "policy_args": json.dumps(self.saved_args(), sort_keys=True),
+                "labels": json.dumps(self.labels), "base_model": record["model"],
+                "base_fingerprint": record["fingerprint"], "targets": self.targets, "task": record["task"],
+                "config": json.dumps(record["config"], sort_keys=True, default=str),
+                "scores": json.dumps(scores, sort_keys=True)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in self.saved_tensors().items()}, tmp, metadata=info)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    def saved_args(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self.args)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def load(self, path, fingerprint: str) -> None:
+        from svf_rl.policies.base import PolicyError
+
+        tensors, info = read_routed(path)
+        if info["base_fingerprint"] != fingerprint:
+            raise PolicyError(f"{path} was trained on other base weights (fingerprint {info['base_fingerprint']}, "
+                              f"this model's is {fingerprint})")
+        self.load_state_dict({k: v for k, v in tensors.items() if k in self.named_parameters()})
+
+
+def read_routed(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A routed policy's file: (tensors, metadata with its JSON fields parsed), or one line saying why not."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    from svf_rl.policies.base import PolicyError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise PolicyError(f"{path} is not a safetensors file: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise PolicyError(f"{path} is not a routed policy's file (metadata format={meta.get('format')!r})")
+    try:
+        for key in ("policy_args", "labels", "config", "scores"):
+            meta[key] = json.loads(meta.get(key, "{}"))
+    except ValueError as err:
+        raise PolicyError(f"{path}: metadata {key!r} is not JSON ({err})") from None
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise PolicyError(f"{path}: tensor {bad[0]!r} has non-finite values")
+    return tensors, meta
+
+
+def is_routed_file(path) -> bool:
+    """Whether `path` is a routed policy's file (a safetensors file whose metadata says so)."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    if not str(path).endswith(".safetensors") or not Path(path).is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
+def routed_model(path, model_id: str, dtype: str = "auto"):
+    """(model, tokenizer): the base model with the routed policy of `path` attached and loaded, from the file alone
+    (a mixture's experts are in it), after checking the base weights are the ones it was trained on."""
+    from types import SimpleNamespace
+
+    from svf_rl.inference.evaluate import load_model
+    from svf_rl.policies import policy_class
+    from svf_rl.svd import model_fingerprint
+
+    tensors, info = read_routed(path)
+    model, tokenizer = load_model(model_id, dtype)
+    fingerprint = model_fingerprint(model)
+    if info["base_fingerprint"] != fingerprint:
+        from svf_rl.policies.base import PolicyError
+
+        raise PolicyError(f"{path} was trained on other base weights (fingerprint {info['base_fingerprint']}); "
+                          f"{model_id} has {fingerprint}")
+    args = {k: v for k, v in info["policy_args"].items() if k != "expert_files"}
+    config = SimpleNamespace(policy=info["policy"], policy_args=args, targets=info["targets"], engine="hf")
+    policy = policy_class(info["policy"]).from_file(config, tensors, info)
+    policy.attach(model)
+    policy.load(path, fingerprint)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def routing_by_group(model: nn.Module, groups: dict[str, list[list[int]]], labels: list[str]) -> dict[str, dict]:
+    """Each group's routing statistics (routing_metrics' rollout ones, without the prefix) over its token
+    sequences, each run alone so that no padding is counted."""
+    routing_metrics(model, labels)  # forget what came before
+    device = next(model.parameters()).device
+    out = {}
+    for name, sequences in groups.items():
+        for ids in sequences:
+            model(input_ids=torch.tensor([ids], device=device))
+        out[name] = {k.removeprefix("route_rollout_"): v for k, v in routing_metrics(model, labels).items()}
+    return out

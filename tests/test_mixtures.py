@@ -1,0 +1,346 @@
+"""Routed policies: a mixture of SVF experts, HydraLoRA and MoLoRA. Each computes what its formula says, π_ref is
+the base model, the balance term's gradient is the documented one, the router learns to separate two tasks,
+and each trains through the unchanged loop and saves a file that loads."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svf_rl.config import ConfigError, load_config
+from svf_rl.inference.expert import Expert, save_expert
+from svf_rl.policies import make_policy
+from svf_rl.policies.mixture import MixtureLinear
+from svf_rl.policies.routing import Router, routing_metrics
+from svf_rl.policies.svf_layer import apply_svf, load_z, svf_layers
+from svf_rl.svd import model_fingerprint
+from tests.conftest import tiny_llama
+
+IDS = torch.tensor([[3, 9, 27, 11, 5, 17], [4, 8, 15, 16, 23, 42]])
+
+
+def expert_files(tmp_path, count=2, targets="mlp", seed=0, model=None):
+    """Expert files for tiny_llama: each z a different random scale."""
+    model = model or tiny_llama()
+    fingerprint = model_fingerprint(model)
+    svf = tiny_llama()
+    apply_svf(svf, targets, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    paths = []
+    for k in range(count):
+        vectors = {n: 1 + 0.5 * torch.randn(layer.z.shape, generator=generator)
+                   for n, layer in svf_layers(svf).items()}
+        paths.append(str(save_expert(Expert(vectors, "tiny", fingerprint, targets, f"task{k}"),
+                                     tmp_path / f"e{k}.safetensors")))
+    return paths
+
+
+def mixture(paths, **args):
+    overrides = ["policy=mixture", "targets=mlp", "progress=false", f"policy_args.experts=[{','.join(paths)}]"]
+    config = load_config(None, overrides + [f"policy_args.{k}={v}" for k, v in args.items()])
+    model = tiny_llama()
+    policy = make_policy(config)
+    policy.attach(model)
+    return model, policy
+
+
+def svf_model_at(vectors):
+    model = tiny_llama()
+    apply_svf(model, "mlp", progress=False)
+    load_z(model, vectors)
+    return model
+
+
+def test_the_mixture_is_the_base_at_the_base_gate_each_expert_at_its_own_and_their_mean_when_uniform(tmp_path):
+    from svf_rl.inference.expert import load_expert
+
+    paths = expert_files(tmp_path)
+    experts = [load_expert(p).vectors for p in paths]
+    model, policy = mixture(paths)
+    with torch.no_grad():
+        uniform = model(IDS).logits  # the routers start at zero: gates 1/3 each
+        mean = {n: 1 + sum(e[n] - 1 for e in experts) / 3 for n in experts[0]}
+        assert torch.allclose(uniform, svf_model_at(mean)(IDS).logits, atol=1e-5)
+        with policy.reference():
+            assert torch.allclose(model(IDS).logits, tiny_llama()(IDS).logits, atol=1e-5)
+        for option, want in ((0, None), (1, experts[0]), (2, experts[1])):
+            for layer in policy.layers.values():
+                layer.router.bias.zero_()
+                layer.router.bias[option] = 50.0  # gate ≈ 1 on this option
+            expected = tiny_llama()(IDS).logits if want is None else svf_model_at(want)(IDS).logits
+            assert torch.allclose(model(IDS).logits, expected, atol=1e-4)
+
+
+def test_the_router_gradient_is_the_per_token_mixtures(tmp_path):
+    """∂L/∂R through the factored layer equals autograd through W'(z(x)) composed for each token."""
+    paths = expert_files(tmp_path)
+    model, policy = mixture(paths)
+    layer = next(iter(policy.layers.values()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.3)
+    x = torch.randn(5, layer.in_features)
+    (layer(x) ** 2).sum().backward()
+    fast = layer.router.weight.grad.clone()
+    layer.router.weight.grad = None
+    gates = F.linear(x, layer.router.weight, layer.router.bias).softmax(-1)
+    outs = []
+    for t in range(len(x)):  # one W' per token, composed whole
+        z = 1 + gates[t, 1:] @ (layer.experts - 1)
+        outs.append(layer.compose(z) @ x[t])
+    (torch.stack(outs) ** 2).sum().backward()
+    assert torch.allclose(fast, layer.router.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_balance_terms_gradient_is_switchs_on_the_forwarded_tokens():
+    router = Router(6, 3, balance=0.5)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        router.weight.normal_()
+    x = torch.randn(2, 7, 6)
+    router.step_tokens, router.layers = 28, 2  # this forward is half the step's tokens, one of two layers
+    gates = router(x)
+    gates.backward(torch.zeros_like(gates))  # the loss contributes nothing: what arrives is the balance term's
+    got = router.weight.grad.clone()
+    probs = F.linear(x, router.weight, router.bias).softmax(-1).reshape(-1, 3)
+    share = F.one_hot(probs.argmax(-1), 3).float().mean(0)
+    term = 3 * (share * probs.mean(0)).sum() * (14 / 28) / 2 * 0.5
+    want, = torch.autograd.grad(term, router.weight)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9) and want.abs().max() > 1e-4
+
+
+def test_top_k_keeps_the_k_largest_gates_and_their_gradient():
+    router = Router(4, 5, top_k=2)
+    with torch.no_grad():
+        router.weight.normal_()
+    x = torch.randn(10, 4)
+    gates = router(x)
+    probs = F.linear(x, router.weight, router.bias).softmax(-1)
+    kept = probs >= probs.topk(2, -1).values[:, -1:]
+    assert ((gates > 0).sum(-1) == 2).all() and torch.equal(gates, torch.where(kept, probs, 0))
+    top1 = Router(4, 5, top_k=1)
+    with torch.no_grad():
+        top1.weight.copy_(router.weight)
+    top1(x).sum().backward()  # a renormalised top-1 gate would be 1, and this gradient 0
+    assert top1.weight.grad.abs().max() > 1e-3
+
+
+def test_hydralora_and_molora_start_at_the_base_and_share_a_where_they_say(tmp_path):
+    base = tiny_llama()(IDS).logits
+    for name in ("hydralora", "molora"):
+        config = load_config(None, [f"policy={name}", "targets=mlp", "policy_args.experts=3",
+                                    "policy_args.rank=2"])
+        model, policy = tiny_llama(), make_policy(config)
+        policy.attach(model)
+        layer = next(iter(policy.layers.values()))
+        assert layer.A.shape[0] == (2 if name == "hydralora" else 6) and layer.B.shape[1] == 6
+        with torch.no_grad():
+            assert torch.allclose(model(IDS).logits, base, atol=1e-6)  # every B starts at 0
+            for p in policy.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            moved = model(IDS).logits
+            with policy.reference():
+                assert torch.allclose(model(IDS).logits, base, atol=1e-6)
+        assert (moved - base).abs().max() > 1e-3
+        # The layer is Σₖ gₖ Bₖ Aₖ x, written out
+        x = torch.randn(4, layer.base.in_features)
+        gates = F.linear(x, layer.router.weight, layer.router.bias).softmax(-1)
+        A = [layer.A[:2]] * 3 if name == "hydralora" else list(layer.A.split(2))
+        B = layer.B.split(2, 1)
+        want = layer.base(x) + layer.scale * sum(gates[:, k:k + 1] * (x @ A[k].T @ B[k].T) for k in range(3))
+        assert torch.allclose(layer(x), want, atol=1e-5)
+
+
+def test_two_tasks_each_solved_by_one_expert_are_routed_apart_without_collapse():
+    """REINFORCE on a router over two frozen experts: inputs of task a are answered right by expert a's z, of
+    task b by expert b's; the router must send each task to its expert, and keep both in use."""
+    torch.manual_seed(0)
+    d = 6
+    svf = apply_identity_layer(d)
+    experts = torch.ones(2, d)
+    experts[0, 0], experts[1, 1] = 6.0, 6.0  # a boosts action 0, b action 1
+    layer = MixtureLinear(svf, experts, Router(d, 3), train_experts=False)
+    optimiser = torch.optim.Adam(layer.router.parameters(), lr=0.05)
+    for _ in range(300):
+        task = torch.randint(0, 2, (64,))
+        x = torch.ones(64, d)
+        x[:, 4] = (task == 0).float() * 2
+        x[:, 5] = (task == 1).float() * 2
+        logits = layer(x)[:, :4]
+        action = torch.distributions.Categorical(logits=logits.detach()).sample()
+        reward = (action == task).float()
+        logp = logits.log_softmax(-1).gather(1, action[:, None])[:, 0]
+        loss = -((reward - reward.mean()) * logp).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    routing_metrics_reset(layer)
+    with torch.no_grad():
+        shares = []
+        for t in (0, 1):
+            x = torch.ones(1, d)
+            x[0, 4 + t] = 2
+            shares.append(layer.router(x)[0])
+    assert shares[0][1] > 0.8 and shares[1][2] > 0.8, shares  # task a → expert a, task b → expert b
+
+
+def apply_identity_layer(d):
+    from svf_rl.policies.svf_layer import SVFLinear
+
+    return SVFLinear(torch.eye(d), torch.ones(d), torch.eye(d), None, "factored")
+
+
+def routing_metrics_reset(layer):
+    layer.router.stats.clear()
+
+
+def test_routing_statistics_are_each_options_mean_gate_and_top1_share(tmp_path):
+    paths = expert_files(tmp_path)
+    model, policy = mixture(paths)
+    with torch.no_grad():
+        for layer in policy.layers.values():
+            layer.router.bias.copy_(torch.tensor([0.0, 2.0, 0.0]))
+        model(IDS)
+    metrics = routing_metrics(model, policy.labels)
+    assert metrics["route_rollout_top1/task0"] == 1.0 and metrics["route_rollout_top1/base"] == 0.0
+    gate = torch.tensor([0.0, 2.0, 0.0]).softmax(0)
+    assert abs(metrics["route_rollout_share/task0"] - gate[1].item()) < 1e-6
+    assert abs(metrics["route_rollout_entropy"] - (-(gate * gate.log()).sum()).item()) < 1e-5
+    assert routing_metrics(model, policy.labels) == {}  # counted once
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["policy=mixture"], "experts must list at least one expert file"),
+    (["policy=mixture", "policy_args.experts=[missing.safetensors]"], "expert file not found"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.routing=sequence"], "routing must be token"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.top_k=3"], "top_k must be 0"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "targets=attn"], "trained with targets 'mlp'"),
+    (["policy=mixture", "policy_args.experts=[{e0},{other}]"], "other base weights or layers"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "engine=vllm"], "vLLM engines do not run"),
+    (["policy=hydralora", "policy_args.experts=1"], "need experts >= 2"),
+    (["policy=molora", "policy_args.top_k=5"], "top_k must be 0"),
+])
+def test_bad_routed_policy_settings_fail_in_one_line_before_anything_loads(tmp_path, bad, message):
+    e0 = expert_files(tmp_path)[0]
+    other = expert_files(tmp_path / "o", model=tiny_llama(seed=3))[0]
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [b.format(e0=e0, other=other) for b in bad])
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_experts(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, "mlp", progress=False)
+    generator = torch.Generator().manual_seed(5)
+    folder = tmp_path_factory.mktemp("experts")
+    return [str(save_expert(Expert({n: 1 + 0.5 * torch.randn(layer.z.shape, generator=generator)
+                                    for n, layer in svf_layers(model).items()}, tiny_model_dir, fingerprint, "mlp",
+                                   f"t{k}"), folder / f"t{k}.safetensors")) for k in range(2)]
+
+
+ROUTED = {"mixture": {"balance": 0.1, "top_k": 2}, "hydralora": {"experts": 3, "rank": 2, "balance": 0.1},
+          "molora": {"experts": 2, "rank": 2}}
+
+
+def routed_config(name, tiny_model_dir, path, experts, **overrides):
+    from tests.test_train import tiny_config
+
+    args = {**ROUTED[name], **({"experts": f"[{','.join(experts)}]"} if name == "mixture" else {})}
+    return tiny_config(tiny_model_dir, path, **{"policy": name, "targets": "mlp", "lr": 2.0, **overrides},
+                       **{f"policy_args.{k}": v for k, v in args.items()})
+
+
+@pytest.mark.parametrize("name", list(ROUTED))
+def test_a_routed_policy_trains_through_the_loop_and_its_file_loads_and_resumes(name, tiny_model_dir, tiny_experts,
+                                                                                tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from svf_rl.loop.train import train
+    from svf_rl.run_files import read_metrics
+    from tests.same_z import EQUALITY
+
+    config = routed_config(name, tiny_model_dir, tmp_path / "whole", tiny_experts, steps=4, save_every=2,
+                           eval_every=2, **EQUALITY)
+    artefact = train(config)
+    assert artefact.name == "mixture.safetensors"
+    steps = [r for r in read_metrics(tmp_path / "whole" / "run" / "metrics.jsonl") if "reward" in r]
+    assert len(steps) == 4 and all(0 < r["route_entropy"] <= 1.1 for r in steps)
+    assert all(r["sampler_logp_gap"] < 1e-4 for r in steps)  # rollouts ran the trainer's own routed policy
+    # The file alone rebuilds what training ended with
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fingerprint = model_fingerprint(model)
+    policy = make_policy(config)
+    policy.attach(model)
+    fresh = {k: v.clone() for k, v in policy.state_dict().items()}
+    policy.load(artefact, fingerprint)
+    loaded = policy.state_dict()
+    assert any((loaded[k] - fresh[k]).abs().max() > 1e-4 for k in fresh), "training moved nothing"
+    with pytest.raises(ValueError, match="other base weights"):
+        policy.load(artefact, "0" * 32)
+    # Two steps, then two more after a resume: the same tensors as four in one go
+    train(routed_config(name, tiny_model_dir, tmp_path / "split", tiny_experts, steps=2, save_every=2, eval_every=2,
+                        **EQUALITY))
+    from svf_rl.policies.routing import read_routed
+
+    resumed, _ = read_routed(train(routed_config(name, tiny_model_dir, tmp_path / "split", tiny_experts, steps=4,
+                                                 save_every=2, eval_every=2, **EQUALITY)))
+    whole, info = read_routed(artefact)
+    assert info["policy"] == name and info["labels"] == policy.labels and "test_accuracy" in info["scores"]
+    for key in whole:
+        assert torch.allclose(whole[key], resumed[key], rtol=0, atol=1e-6), key
+    # `svf-rl eval` scores the file as training's test did (the mixture's experts come from the file itself)
+    import json
+
+    from svf_rl.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(artefact), "--size", "4", "--max-new-tokens", "4", "--output", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert scored["accuracy"] == pytest.approx(info["scores"]["test_accuracy"], rel=1e-6)
+    shares = [scored["routing"]["all"][f"share/{label}"] for label in info["labels"]]
+    assert sum(shares) == pytest.approx(1.0) and 0 < scored["routing"]["all"]["entropy"] <= 1.1
+    assert main(["eval", str(artefact), "--engine", "vllm", "--size", "4"]) == 2
+
+
+def test_hydralora_experts_part_ways_from_their_shared_start():
+    """Every B starts at 0 and A is shared: only a router that starts random gives the experts different
+    gradients; at zero they would stay identical and the router would never learn."""
+    config = load_config(None, ["policy=hydralora", "targets=mlp", "policy_args.experts=2", "policy_args.rank=2"])
+    model, policy = tiny_llama(), make_policy(config)
+    policy.attach(model)
+    optimiser = torch.optim.SGD(policy.parameters(), lr=1.0)
+    for _ in range(2):
+        optimiser.zero_grad()
+        model(IDS).logits.square().mean().backward()
+        optimiser.step()
+    layer = next(iter(policy.layers.values()))
+    first, second = layer.B.split(2, 1)
+    assert (first - second).abs().max() > 1e-6
+    assert layer.router.weight.grad.abs().max() > 0
+
+
+def test_rollout_and_update_route_each_token_alike(tmp_path):
+    """A token's top-1 option while it is sampled (prefill, then one cached position at a time) is the one the
+    update's single forward over the whole sequence gives it, at every routed layer."""
+    model, policy = mixture(expert_files(tmp_path, count=3))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in policy.layers.values():
+            layer.router.weight.normal_(0, 2.0)  # a router with real preferences, not ties
+    seen = []
+    hooks = [layer.router.register_forward_hook(lambda m, i, out: seen.append(out.argmax(-1).flatten()))
+             for layer in policy.layers.values()]
+    with torch.no_grad():
+        sequence = model.generate(IDS[:1], do_sample=True, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+        rollout = torch.stack([torch.cat(seen[k::len(hooks)]) for k in range(len(hooks))])  # [layers, positions]
+        seen.clear()
+        model(sequence)
+    update = torch.stack(seen)[:, :rollout.shape[1]]
+    for hook in hooks:
+        hook.remove()
+    assert rollout.shape[1] == sequence.shape[1] - 1  # every position but the last sampled token
+    assert len(set(update.flatten().tolist())) > 1  # the routers do choose between options
+    assert (rollout == update).float().mean() == 1.0
