@@ -5,6 +5,8 @@ baseline), each with the same training budget (the default recipe) on `task=mixe
 Every run is `svf-rl train` in its own process, one at a time, resumable (benchmarks/learning.py runs them).
 Each trained file is then scored by `svf-rl eval` on the same 300 test problems as benchmarks/adaptation.py
 (100 distinct problems per task), overall and per task, and the router's statistics at its last step are kept.
+Rows already in results.json for other configurations or seeds are kept (each records the experts' SHA-256), and
+each configuration's accuracy is summarised over its seeds: mean, minimum and a 95% t interval.
 
     python benchmarks/mixtures.py --seeds 0,1,2
 """
@@ -12,14 +14,17 @@ Each trained file is then scored by `svf-rl eval` on the same 300 test problems 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning import finished, read_metrics, summarise_run, train  # noqa: E402
+from learning import finished, read_metrics, summarise_run, t95, train  # noqa: E402
 
 EXPERTS = [f"runs/experts/{name}/expert.safetensors" for name in ("arithmetic", "gcd", "counting")]
 SHARED = ["task=mixed", "test_size=300", "eval_size=150", "base_eval_max_new_tokens=0"]
@@ -43,7 +48,10 @@ def main() -> None:
     missing = [path for path in EXPERTS if not Path(path).is_file()]
     if missing:
         raise SystemExit(f"{missing[0]} is missing: train the experts first (launch/experts/*.yaml)")
-    out, rows = Path(args.out), []
+    out = Path(args.out)
+    kept = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").is_file() else []
+    experts = {Path(p).parent.name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in EXPERTS}
+    rows = []
     chosen = [int(k) - 1 for k in args.only.split(",")] if args.only else range(len(CONFIGURATIONS))
     for number, (label, overrides) in enumerate(CONFIGURATIONS.items()):
         if number not in chosen:
@@ -63,7 +71,11 @@ def main() -> None:
             rows.append({"label": label, **summarise_run(directory, seed), "eval": result["accuracy"],
                          "per_source": result.get("per_source", {}),
                          "routing": {k: v for k, v in last.items() if k.startswith("route")},
-                         "routing_by_task": result.get("routing", {})})
+                         "routing_by_task": result.get("routing", {}),
+                         "experts_sha256": experts if any("experts" in o for o in overrides) else None})
+    done = {(r["label"], r["seed"]) for r in rows}
+    rows = sorted([r for r in kept if (r["label"], r["seed"]) not in done] + rows,
+                  key=lambda r: (list(CONFIGURATIONS).index(r["label"]), r["seed"]))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps({"command": "python benchmarks/mixtures.py " + " ".join(sys.argv[1:]),
@@ -76,6 +88,15 @@ def main() -> None:
         print(f"| {r['label']} | {r['seed']} | {100 * r['eval']:.1f}% | "
               + " | ".join(f"{100 * per.get(k, float('nan')):.0f}%" for k in ("arithmetic", "gcd", "counting"))
               + f" | {r['step_s']:.1f} | {r['wall_s'] / 60:.1f} | {r['trainable_parameters']:,} |")
+    print("\n| configuration | seeds | mean | min | 95% interval |\n|---|---:|---:|---:|---|")
+    for label in CONFIGURATIONS:
+        scores = [r["eval"] for r in rows if r["label"] == label]
+        if scores:
+            mean = statistics.mean(scores)
+            half = (t95(len(scores) - 1) * statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1
+                    else math.nan)
+            print(f"| {label} | {len(scores)} | {100 * mean:.1f}% | {100 * min(scores):.1f}% | "
+                  f"[{100 * (mean - half):.1f}, {100 * (mean + half):.1f}] |")
     print("\nRouting on the test problems, per task (mean router probability of each option; top-1 share in brackets):")
     for r in rows:
         for source, stats in r["routing_by_task"].items():
