@@ -216,6 +216,7 @@ def test_routing_statistics_are_each_options_mean_gate_and_top1_share(tmp_path):
     (["policy=mixture", "policy_args.experts=[{e0}]", "targets=attn"], "trained with targets 'mlp'"),
     (["policy=mixture", "policy_args.experts=[{e0},{other}]"], "other base weights or layers"),
     (["policy=mixture", "policy_args.experts=[{e0}]", "engine=vllm"], "vLLM engines do not run"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.balance=-0.1"], "balance must be >= 0"),
     (["policy=hydralora", "policy_args.experts=1"], "need experts >= 2"),
     (["policy=molora", "policy_args.top_k=5"], "top_k must be 0"),
 ])
@@ -344,3 +345,27 @@ def test_rollout_and_update_route_each_token_alike(tmp_path):
     assert rollout.shape[1] == sequence.shape[1] - 1  # every position but the last sampled token
     assert len(set(update.flatten().tolist())) > 1  # the routers do choose between options
     assert (rollout == update).float().mean() == 1.0
+
+
+def test_a_bad_routed_file_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from svf_rl.policies.base import PolicyError
+    from svf_rl.policies.routing import FORMAT, read_routed
+
+    good = {"format": FORMAT, "policy": "molora", "policy_args": "{}", "labels": "[]", "config": "{}", "scores": "{}"}
+    cases = {"missing.safetensors": (None, "no such file"),
+             "garbage.safetensors": (b"not a tensor file", "not a safetensors file"),
+             "expert.safetensors": ({"format": "svf-rl-expert"}, "not a routed policy's file"),
+             "nan.safetensors": ({**good, "nan": True}, "non-finite values"),
+             "json.safetensors": ({**good, "labels": "[unclosed"}, "'labels' is not JSON")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            value = torch.tensor([1.0, float("nan")]) if content.pop("nan", False) else torch.ones(2)
+            save_file({"layer.router.bias": value}, str(path), metadata=content)
+        with pytest.raises(PolicyError, match=message) as err:
+            read_routed(path)
+        assert "\n" not in str(err.value)
