@@ -26,7 +26,8 @@ class MixedTasks(Task):
             raise TaskError("mixed needs at least two sources, e.g. {\"a\": [\"arithmetic\", {}], \"b\": [...]}")
         self.sources = {}
         for label, spec in sources.items():
-            if not isinstance(spec, (list, tuple)) or len(spec) != 2 or not isinstance(spec[1], dict):
+            if (not isinstance(spec, (list, tuple)) or len(spec) != 2 or not isinstance(spec[0], str)
+                    or not isinstance(spec[1], dict)):
                 raise TaskError(f"mixed: source {label!r} must be [task, task_args], got {spec!r}")
             self.sources[label] = load_task(spec[0], spec[1])
         self.reward_funcs = [source_reward(self.sources)]
@@ -51,22 +52,30 @@ class MixedTasks(Task):
 
 
 def source_reward(sources: dict):
-    def mixed_reward(prompts, completions, source, row, **_) -> list[float | None]:
-        """Each completion's reward is its own task's weighted reward."""
+    def mixed_reward(prompts, completions, source, row, completion_ids=None, **_) -> list[float | None]:
+        """Each completion's reward is its own task's weighted reward (None where none of its functions scored
+        it); a source whose reward function raised makes this one raise, so the loop counts it."""
         from svf_rl.rewards import score_completions
 
         values: list[float | None] = [None] * len(completions)
+        failed = {}
         for label, task in sources.items():
             picked = [i for i, s in enumerate(source) if s == label]
             if not picked:
                 continue
             rows = [row[i] for i in picked]
             columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+            if completion_ids is not None:
+                columns["completion_ids"] = [completion_ids[i] for i in picked]
             weights = task.reward_weights or [1.0] * len(task.reward_funcs)
-            total, _, _ = score_completions(task.reward_funcs, weights, [prompts[i] for i in picked],
-                                            [completions[i] for i in picked], columns, label)
-            for i, value in zip(picked, total.tolist(), strict=True):
-                values[i] = value
+            total, per_func, errors = score_completions(task.reward_funcs, weights, [prompts[i] for i in picked],
+                                                        [completions[i] for i in picked], columns, label)
+            failed.update({f"{label}/{name}": error for name, error in errors.items()})
+            for j, (i, value) in enumerate(zip(picked, total.tolist(), strict=True)):
+                values[i] = None if all(scores[j] is None for scores in per_func.values()) else value
+        if failed:
+            name, error = next(iter(failed.items()))
+            raise RuntimeError(f"{name} raised {error}")
         return values
 
     return mixed_reward

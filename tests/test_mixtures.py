@@ -106,6 +106,15 @@ def test_the_balance_terms_gradient_is_switchs_on_the_forwarded_tokens():
     term = 3 * (share * probs.mean(0)).sum() * (14 / 28) / 2 * 0.5
     want, = torch.autograd.grad(term, router.weight)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-9) and want.abs().max() > 1e-4
+    # A backend that multiplies the loss (fp16's loss scale, DeepSpeed's rank count) divides the gradient by the
+    # same factor afterwards, so the term's own gradient is multiplied alike; without it, it would shrink by S.
+    weights = torch.randn(2, 7, 3)
+    router.weight.grad, router.loss_scale = None, 4096.0
+    (4096.0 * (router(x) * weights).sum()).backward()
+    probs = F.linear(x, router.weight, router.bias).softmax(-1)
+    term = 3 * (share * probs.reshape(-1, 3).mean(0)).sum() * (14 / 28) / 2 * 0.5
+    want, = torch.autograd.grad((probs * weights).sum() + term, router.weight)
+    assert torch.allclose(router.weight.grad / 4096.0, want, rtol=1e-4, atol=1e-8)
 
 
 def test_top_k_keeps_the_k_largest_gates_and_their_gradient():
@@ -353,8 +362,12 @@ def test_a_bad_routed_file_is_refused_in_one_line(tmp_path):
     from svf_rl.policies.base import PolicyError
     from svf_rl.policies.routing import FORMAT, read_routed
 
-    good = {"format": FORMAT, "policy": "molora", "policy_args": "{}", "labels": "[]", "config": "{}", "scores": "{}"}
+    good = {"format": FORMAT, "policy": "molora", "policy_args": "{}", "labels": "[]", "config": "{}", "scores": "{}",
+            "base_model": "m", "base_fingerprint": "f", "targets": "mlp", "task": "t"}
     cases = {"missing.safetensors": (None, "no such file"),
+             "nobase.safetensors": ({k: v for k, v in good.items() if k != "base_fingerprint"},
+                                    "metadata 'base_fingerprint' is missing"),
+             "labels.safetensors": ({**good, "labels": "{}"}, "metadata 'labels' is not a JSON list"),
              "garbage.safetensors": (b"not a tensor file", "not a safetensors file"),
              "expert.safetensors": ({"format": "svf-rl-expert"}, "not a routed policy's file"),
              "nan.safetensors": ({**good, "nan": True}, "non-finite values"),
@@ -369,3 +382,44 @@ def test_a_bad_routed_file_is_refused_in_one_line(tmp_path):
         with pytest.raises(PolicyError, match=message) as err:
             read_routed(path)
         assert "\n" not in str(err.value)
+
+
+def test_a_mixed_tasks_reward_keeps_no_score_passes_token_ids_and_reports_a_failing_source():
+    from tasks.mixed import MixedTasks, source_reward
+
+    task = MixedTasks()
+    seen = {}
+
+    def by_length(prompts, completions, completion_ids, **_):
+        seen["ids"] = completion_ids
+        return [None if len(ids) == 0 else 1.0 for ids in completion_ids]
+
+    task.sources["gcd"].reward_funcs, task.sources["gcd"].reward_weights = [by_length], None
+    reward = source_reward(task.sources)
+    rows = [task.rows("test", 3, 0)[i] for i in range(3)]
+    sources = [r["source"] for r in rows]
+    assert sorted(sources) == ["arithmetic", "counting", "gcd"]
+    gcd = sources.index("gcd")
+    ids = [[1, 2], [], [3]]
+    ids[gcd] = []
+    values = reward([task.prompt(r) for r in rows], ["7"] * 3, sources, [r["row"] for r in rows], completion_ids=ids)
+    assert values[gcd] is None and seen["ids"] == [[]]  # its own ids, and no score is not a 0
+    assert all(isinstance(v, float) for i, v in enumerate(values) if i != gcd)
+
+    def broken(**_):
+        raise KeyError("answer")
+
+    task.sources["gcd"].reward_funcs = [broken]
+    with pytest.raises(RuntimeError, match="gcd/broken raised KeyError"):
+        reward([task.prompt(r) for r in rows], ["7"] * 3, sources, [r["row"] for r in rows], completion_ids=ids)
+
+
+def test_a_run_resumes_only_with_the_policy_arguments_it_started_with(tmp_path):
+    from svf_rl.loop.train import TrainingError, check_resumable
+
+    config = load_config(None, ["policy=hydralora", "policy_args.experts=3"])
+    previous = {"base_model": config.model, "targets": config.targets, "task": "arithmetic",
+                "task_args": config.task_args, "policy": "hydralora", "policy_args": {"experts": 4}}
+    with pytest.raises(TrainingError, match="policy_args={'experts': 4}"):
+        check_resumable(previous, config, "arithmetic", tmp_path)
+    check_resumable({**previous, "policy_args": {"experts": 3}}, config, "arithmetic", tmp_path)

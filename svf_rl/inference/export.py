@@ -16,11 +16,11 @@ RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, wri
 
 
 def write_run_info(run_dir: Path, base_model: str, base_fingerprint: str, targets: str, task: str,
-                   task_args: dict | None = None, policy: str = "svf") -> None:
+                   task_args: dict | None = None, policy: str = "svf", policy_args: dict | None = None) -> None:
     """Record what `export_checkpoint` needs besides z, so any checkpoint of the run can become an expert, and
     what a resumed run must match."""
     info = {"base_model": base_model, "base_fingerprint": base_fingerprint, "targets": targets, "task": task,
-            "task_args": task_args or {}, "policy": policy}
+            "task_args": task_args or {}, "policy": policy, "policy_args": policy_args or {}}
     write_atomic(Path(run_dir) / RUN_INFO, json.dumps(info))
 
 

@@ -245,7 +245,7 @@ def setup(config: TrainConfig) -> Run:
     accelerator.init_trackers("svf_rl", config={k: str(v) for k, v in config_dict(config).items()})
     if main:
         write_run_info(output_dir, config.model, fingerprint, config.targets, task.name, config.task_args,
-                       config.policy)
+                       config.policy, config.policy_args)
     record = {"model": config.model, "fingerprint": fingerprint, "targets": config.targets, "task": task.name,
               "config": config_dict(config)}
     return Run(config, accelerator, task, reward_funcs, weights, train_rows, validation_rows, test_rows, model,
@@ -380,7 +380,7 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
     sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
     rows_per_micro = max(shared, config.micro_batch_size // shared * shared)
     run.update_tokens = update_tokens(batch, shared)
-    with policy.step(run.update_tokens, run.update.gradients_at_step_end):
+    with policy.step(run.update_tokens, run.update.gradients_at_step_end, run.update.loss_multiplier):
         for first in range(0, len(batch), rows_per_micro):
             micro = batch[first:first + rows_per_micro]
             micro_adv = advantage[first:first + rows_per_micro].to(accelerator.device)
@@ -503,11 +503,11 @@ def finish(run: Run) -> Path:
 
 
 def check_resumable(previous: dict, config: TrainConfig, task_name: str, output_dir: Path) -> None:
-    """Refuse to continue checkpoints of another run (base model, targets or task), before the model loads."""
+    """Refuse to continue checkpoints of another run (base model, targets, task or policy), before the model loads."""
     if not previous:
         return
     mine = {"base_model": config.model, "targets": config.targets, "task": task_name, "task_args": config.task_args,
-            "policy": config.policy}
+            "policy": config.policy, "policy_args": config.policy_args}
     for key, value in mine.items():
         if key in previous and previous[key] != value:
             raise TrainingError(f"{output_dir} holds checkpoints of a run with {key}={previous[key]!r}, not "

@@ -193,6 +193,11 @@ class TorchUpdate:
         """The loss scale the next step uses (1 without fp16)."""
         return self.scaler.get_scale() if self.scaler is not None else 1.0
 
+    @property
+    def loss_multiplier(self) -> float:
+        """What backward multiplies the loss by, as the gradient reaches the parameters: the loss scale."""
+        return self.scale
+
 
 class DeepSpeedUpdate:
     """DeepSpeed's engine owns the trainable parameters' gradient: it reduces and partitions it (ZeRO-1/2),
@@ -243,6 +248,11 @@ class DeepSpeedUpdate:
         self.engine.set_gradient_accumulation_boundary(last)
         # DeepSpeed averages gradients over ranks; the loss is normalised by the whole step's counts already.
         self.engine.backward(loss * self.world)
+
+    @property
+    def loss_multiplier(self) -> float:
+        """What backward multiplies the loss by before DeepSpeed averages the ranks' gradients."""
+        return float(self.world)
 
     def step(self, loss_finite: bool = True) -> float:
         self.engine.step()  # skips the update, and reports an infinite norm, when the gradient is not finite

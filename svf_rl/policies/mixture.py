@@ -8,6 +8,7 @@ factored, U((s ⊙ z(x)) ⊙ Vᵀx), which costs (in + out)·r per token. π_ref
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,8 @@ class MixtureArgs:
             return f"routing must be token (each token's gates from its layer input), got {self.routing!r}"
         if not 0 <= self.top_k <= len(self.experts) + 1:
             return f"top_k must be 0 (all) or at most {len(self.experts) + 1} (the base and each expert)"
-        if self.balance < 0:
-            return f"balance must be >= 0, got {self.balance}"
+        if not 0 <= self.balance < float("inf"):
+            return f"balance must be >= 0 and finite, got {self.balance}"
 
 
 class MixtureLinear(SVFLinear):
@@ -76,6 +77,10 @@ class MixturePolicy(RoutedPolicy):
         self.args = check_args("mixture", MixtureArgs, config.policy_args)
         self.experts = read_experts(self.args.experts, config.targets)
         self.labels = ["base"] + expert_labels(self.args.experts, self.experts)
+        # What the file records is what was read: the expert files may move or change during the run.
+        self.expert_files = [{"path": str(Path(p).resolve()), "task": e.task, "label": label,
+                              "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()}
+                             for p, e, label in zip(self.args.experts, self.experts, self.labels[1:], strict=True)]
 
     @classmethod
     def from_file(cls, config, tensors: dict, info: dict):
@@ -90,6 +95,7 @@ class MixturePolicy(RoutedPolicy):
                                  info["base_fingerprint"], info["targets"], label)
                           for k, label in enumerate(info["labels"][1:])]
         policy.labels = list(info["labels"])
+        policy.expert_files = info["policy_args"].get("expert_files", [])
         return policy
 
     def attach(self, model, prompts=(), progress: bool = False) -> None:
@@ -125,13 +131,8 @@ class MixturePolicy(RoutedPolicy):
     def saved_args(self) -> dict:
         """The experts as recorded in the file: their paths, SHA-256 and tasks (their vectors are in it)."""
         import dataclasses
-        import hashlib
 
-        args = dataclasses.asdict(self.args)
-        args["expert_files"] = [{"path": str(Path(p).resolve()), "task": e.task, "label": label,
-                                 "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()}
-                                for p, e, label in zip(self.args.experts, self.experts, self.labels[1:], strict=True)]
-        return args
+        return {**dataclasses.asdict(self.args), "expert_files": self.expert_files}
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """Every router, and every expert's z (trained or not): the file alone rebuilds the mixture."""

@@ -39,8 +39,8 @@ class RoutedLoraArgs:
                     f"alpha={self.alpha}")
         if not 0 <= self.top_k <= self.experts:
             return f"top_k must be 0 (all) or at most experts={self.experts}"
-        if self.balance < 0:
-            return f"balance must be >= 0, got {self.balance}"
+        if not 0 <= self.balance < float("inf"):
+            return f"balance must be >= 0 and finite, got {self.balance}"
 
 
 class RoutedLoraLinear(nn.Module):

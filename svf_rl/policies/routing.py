@@ -13,9 +13,11 @@ positions, where fₖ is the share of them whose largest probability is option k
 probability (before top-k); it is 1 when routing is uniform. Each forward's term is weighted by its share of the
 step's positions and the layers are averaged, so a step adds up to a token-weighted mean (per rank under DDP,
 as Switch computes it per device). Its gradient joins the loss's through the probabilities themselves (a
-pass-through whose backward adds it). It is a penalty on the router at the sampled tokens, not a reward: its
-gradient is the term's own gradient there, and the tokens' dependence on the router (which REINFORCE's score
-function would carry) is not part of it, as in supervised MoE training.
+pass-through whose backward adds it, multiplied as the backend multiplies the loss: fp16's loss scale,
+DeepSpeed's rank count). fₖ is per forward, so the term depends on how the step is split into forwards
+(micro-batches, a group's shared prompt), as Switch's depends on its batches. It is a penalty on the router
+at the sampled tokens, not a reward: its gradient is the term's own gradient there, and the tokens' dependence
+on the router (which REINFORCE's score function would carry) is not part of it, as in supervised MoE training.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Router(nn.Module):
         self.top_k, self.balance = top_k, balance
         self.step_tokens = 0  # positions the optimiser step forwards (set in its scope); 0: this forward's
         self.layers = 1  # routed layers in the model: the balance term is their mean
+        self.loss_scale = 1.0  # what the backend multiplies the loss by (set in the step's scope)
         self.stats: dict[str, torch.Tensor] = {}
 
     @property
@@ -69,7 +72,8 @@ class Router(nn.Module):
             share = top1.mean(0)  # fₖ
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             # ∂(n Σ fₖ Pₖ)/∂probs[t, k] = n fₖ / T; the step's T and the layer mean, summed over ranks
-            scale = self.balance * self.options / (max(self.step_tokens, tokens) * self.layers * world)
+            scale = (self.balance * self.loss_scale * self.options
+                     / (max(self.step_tokens, tokens) * self.layers * world))
             probs = _AddGradient.apply(probs, (scale * share).expand_as(probs).contiguous())
         gates = probs
         if 0 < self.top_k < self.options:
@@ -91,10 +95,10 @@ def routers(model: nn.Module) -> list[Router]:
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
-def set_step(model: nn.Module, tokens: int) -> None:
+def set_step(model: nn.Module, tokens: int, loss_scale: float = 1.0) -> None:
     layers = routers(model)
     for router in layers:
-        router.step_tokens, router.layers = tokens, len(layers)
+        router.step_tokens, router.layers, router.loss_scale = tokens, len(layers), loss_scale
 
 
 def routing_metrics(model: nn.Module, labels: list[str]) -> dict[str, float]:
@@ -190,9 +194,9 @@ class RoutedPolicy:
                 params[name].copy_(value)
 
     @contextlib.contextmanager
-    def step(self, tokens: int, gather_per_step: bool):
+    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0):
         """The balance term is scaled by the step's token positions (each micro-batch adds its share)."""
-        set_step(self.model, tokens)
+        set_step(self.model, tokens, loss_scale)
         try:
             yield
         finally:
@@ -284,11 +288,17 @@ def read_routed(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise PolicyError(f"{path} is not a safetensors file: {err}") from None
     if meta.get("format") != FORMAT:
         raise PolicyError(f"{path} is not a routed policy's file (metadata format={meta.get('format')!r})")
-    try:
-        for key in ("policy_args", "labels", "config", "scores"):
+    missing = [k for k in ("policy", "policy_args", "labels", "base_model", "base_fingerprint", "targets", "task")
+               if not isinstance(meta.get(k), str)]
+    if missing:
+        raise PolicyError(f"{path}: metadata {missing[0]!r} is missing; not a file svf-rl wrote")
+    for key, kind in (("policy_args", dict), ("labels", list), ("config", dict), ("scores", dict)):
+        try:
             meta[key] = json.loads(meta.get(key, "{}"))
-    except ValueError as err:
-        raise PolicyError(f"{path}: metadata {key!r} is not JSON ({err})") from None
+        except ValueError as err:
+            raise PolicyError(f"{path}: metadata {key!r} is not JSON ({err})") from None
+        if not isinstance(meta[key], kind):
+            raise PolicyError(f"{path}: metadata {key!r} is not a JSON {kind.__name__}")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise PolicyError(f"{path}: tensor {bad[0]!r} has non-finite values")
