@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svf_rl.policies.base import PolicyError, check_args
-from svf_rl.policies.routing import RoutedPolicy, Router
+from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32
 from svf_rl.policies.svf_layer import SVFLinear, apply_svf, reference_mode, svf_layers
 
 
@@ -53,9 +53,7 @@ class MixtureLinear(SVFLinear):
     def _apply(self, fn, recurse=True):
         """model.to(dtype) casts the factors, never the experts or the router: their updates would round away."""
         super()._apply(fn, recurse)
-        for param in (self.experts, *self.router.parameters()):
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
+        keep_fp32([self.experts, *self.router.parameters()])
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,13 +137,7 @@ class MixturePolicy(RoutedPolicy):
         return {f"{name}.{part}": tensor.detach().float().cpu().clone() for name, layer in self.layers.items()
                 for part, tensor in saved_parts(layer)}
 
-    def load(self, path, fingerprint: str) -> None:
-        from svf_rl.policies.routing import read_routed
-
-        tensors, info = read_routed(path)
-        if info["base_fingerprint"] != fingerprint:
-            raise PolicyError(f"{path} was trained on other base weights (fingerprint {info['base_fingerprint']}, "
-                              f"this model's is {fingerprint})")
+    def load_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 for part, tensor in saved_parts(layer):

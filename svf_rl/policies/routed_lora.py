@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svf_rl.policies.base import check_args
-from svf_rl.policies.routing import RoutedPolicy, Router
+from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32
 from svf_rl.targets import find_targets
 
 
@@ -64,9 +64,7 @@ class RoutedLoraLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Adapter tensors stay fp32 whatever the model's dtype."""
         super()._apply(fn, recurse)
-        for param in (self.A, self.B, *self.router.parameters()):
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
+        keep_fp32([self.A, self.B, *self.router.parameters()])
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

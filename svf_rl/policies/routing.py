@@ -91,6 +91,13 @@ class Router(nn.Module):
         self.stats[phase] = new if phase not in self.stats else self.stats[phase] + new
 
 
+def keep_fp32(params) -> None:
+    """After model.to(dtype): adapter and router tensors stay fp32, or their small updates round away."""
+    for param in params:
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def routers(model: nn.Module) -> list[Router]:
     return [m for m in model.modules() if isinstance(m, Router)]
 
@@ -265,7 +272,12 @@ class RoutedPolicy:
         if info["base_fingerprint"] != fingerprint:
             raise PolicyError(f"{path} was trained on other base weights (fingerprint {info['base_fingerprint']}, "
                               f"this model's is {fingerprint})")
-        self.load_state_dict({k: v for k, v in tensors.items() if k in self.named_parameters()})
+        self.load_tensors(tensors, path)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
+        """A saved file's tensors (read_routed's), into this policy."""
+        params = self.named_parameters()
+        self.load_state_dict({k: v for k, v in tensors.items() if k in params})
 
 
 def read_routed(path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -341,7 +353,7 @@ def routed_model(path, model_id: str, dtype: str = "auto"):
     config = SimpleNamespace(policy=info["policy"], policy_args=args, targets=info["targets"], engine="hf")
     policy = policy_class(info["policy"]).from_file(config, tensors, info)
     policy.attach(model)
-    policy.load(path, fingerprint)
+    policy.load_tensors(tensors, path)
     for param in model.parameters():
         param.requires_grad_(False)
     return model, tokenizer
