@@ -14,6 +14,8 @@ configuration: the mean gain, the minimum, and a 95% t-interval over seeds. Writ
     python benchmarks/learning.py --name default --seeds 0,1,2
     python benchmarks/learning.py --name control --seeds 0,1,2 rewards=[reward_fns.control:coin_flip]
     python benchmarks/learning.py --name sweep --seeds 0 --grid policy=svf,lora --grid lr=1e-3,3e-3
+    python benchmarks/learning.py --name table1 --seeds 0 max_train_minutes=4 steps=200 policy=lora \
+        --grid lr=2e-4,5e-4,1e-3    # an equal wall-clock budget per run
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def summarise(runs: list[dict]) -> dict:
     mean = statistics.mean(gains)
     half = t95(len(gains) - 1) * statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else math.nan
     return {"seeds": len(runs), "base": statistics.mean(r["base"] for r in runs),
+            "best_validation": statistics.mean(max((v for _, v in r["validation"]), default=0) for r in runs),
             "test": statistics.mean(r["test"] for r in runs), "gain_mean": mean, "gain_min": min(gains),
             "gain_low": mean - half, "gain_high": mean + half,
             "wall_s_mean": statistics.mean(r["wall_s"] for r in runs),
@@ -135,11 +138,12 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {result['label']} | {r['seed']} | {100 * r['base']:.1f}% | {base_64} | "
                          f"{100 * r['test']:.1f}% | {pct(r['gain'])} | {r['steps']} | {step_s} | "
                          f"{r['wall_s'] / 60:.1f} min | {r['peak_rss_mib']} | {r['trainable_parameters'] or '-'} |")
-    lines += ["", "| configuration | seeds | mean gain | min gain | 95% interval of the mean | mean wall | max wall |",
-              "|---|---:|---:|---:|---|---:|---:|"]
+    lines += ["", "| configuration | seeds | best validation (mean) | mean gain | min gain | 95% interval of the mean | "
+              "mean wall | max wall |", "|---|---:|---:|---:|---:|---|---:|---:|"]
     for result in results:
         s = result["summary"]
-        lines.append(f"| {result['label']} | {s['seeds']} | {pct(s['gain_mean'])} | {pct(s['gain_min'])} | "
+        best = "-" if "best_validation" not in s else f"{100 * s['best_validation']:.1f}%"
+        lines.append(f"| {result['label']} | {s['seeds']} | {best} | {pct(s['gain_mean'])} | {pct(s['gain_min'])} | "
                      f"[{pct(s['gain_low'])}, {pct(s['gain_high'])}] | {s['wall_s_mean'] / 60:.1f} min | "
                      f"{s['wall_s_max'] / 60:.1f} min |")
     return "\n".join(lines)
@@ -200,6 +204,8 @@ def main() -> None:
         if runs:
             results.append({"label": label, "overrides": overrides, "runs": runs, "summary": summarise(runs)})
     command = "python benchmarks/learning.py " + " ".join(sys.argv[1:])
+    if not results:
+        raise SystemExit(f"no finished runs of {args.name} under {out}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"{args.name}.json.tmp"
     tmp.write_text(json.dumps({"command": command, "results": results}, indent=1))

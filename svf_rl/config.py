@@ -81,6 +81,7 @@ class TrainConfig:
     save_every: int = 10
     resume: bool = True  # continue from the latest checkpoint in output_dir, if any
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (each is skipped) before stopping
+    max_train_minutes: float = 0.0  # stop after the step that uses this much time (validations included); 0: none
     seed: int = 0  # the training prompts drawn and the sampling; validation and test problems are fixed
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per physical core)
     log_with: list = field(default_factory=lambda: ["tensorboard"])
@@ -125,6 +126,7 @@ RANGES = {
     "threads": (lambda v: v >= 0, ">= 0 (0 keeps torch's default)"),
     "logit_chunk_tokens": (lambda v: v >= 0, ">= 0 (0 builds the whole micro-batch's logits at once)"),
     "base_eval_max_new_tokens": (lambda v: v >= 0, ">= 0 (0 skips the base model's long-budget score)"),
+    "max_train_minutes": (lambda v: v >= 0, ">= 0 (0: no limit; the run ends at `steps`)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
 }
 

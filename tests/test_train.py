@@ -200,6 +200,22 @@ def test_a_resumed_run_reports_the_base_model_once_and_the_test_once(tiny_model_
     assert sum("base_test/accuracy" in r for r in records) == 1
 
 
+def test_max_train_minutes_ends_the_run_at_a_validated_checkpoint_and_counts_across_resumes(tiny_model_dir,
+                                                                                            tmp_path):
+    steps = lambda: [r["step"] for r in read_metrics(run / "metrics.jsonl") if "reward" in r]  # noqa: E731
+    config = tiny_config(tiny_model_dir, tmp_path, steps=3, eval_every=100, max_train_minutes=1e-9)
+    run = Path(config.output_dir)
+    expert = load_expert(train(config))
+    records = read_metrics(run / "metrics.jsonl")
+    assert steps() == [1] and "test_accuracy" in expert.scores
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [1]  # the last step is validated
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+    train(config)  # resumed: the time its steps used is in the checkpoint, so no step is added
+    assert steps() == [1]
+    train(tiny_config(tiny_model_dir, tmp_path, steps=3, eval_every=100))  # no limit: on to `steps`
+    assert steps() == [1, 2, 3]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"targets": "attn"}, "targets='mlp', not 'attn'"),
     ({"task": "arithmetic"}, "task='yes', not 'arithmetic'"),

@@ -57,14 +57,17 @@ class TrainingError(RuntimeError):
 
 class RunState:
     """What a checkpoint holds besides optimiser, scheduler and RNG: the policy's trainable state, the step, the
-    best validation score, and the base model's test scores (measured at step 0, reported at the end)."""
+    best validation score, the base model's test scores (measured at step 0, reported at the end), and the seconds
+    the steps have taken so far (what `max_train_minutes` counts, across resumes)."""
 
     def __init__(self, policy):
         self.policy, self.step, self.best_accuracy, self.base_test = policy, 0, -1.0, {}
+        self.train_seconds = 0.0
 
     def state_dict(self) -> dict:
         return {self.policy.checkpoint_key: self.policy.state_dict(), "step": self.step,
-                "best_accuracy": self.best_accuracy, "base_test": self.base_test}
+                "best_accuracy": self.best_accuracy, "base_test": self.base_test,
+                "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         if self.policy.checkpoint_key not in state:
@@ -73,6 +76,7 @@ class RunState:
         self.policy.load_state_dict(state[self.policy.checkpoint_key])
         self.step, self.best_accuracy = state["step"], state["best_accuracy"]
         self.base_test = state.get("base_test", {})
+        self.train_seconds = state.get("train_seconds", 0.0)
 
 
 @torch.no_grad()
@@ -139,8 +143,9 @@ def train(config: TrainConfig) -> Path:
     failures = {"bad_steps": 0, "failing_rewards": 0}
     with bar:
         job = bar.add_task("", total=config.steps, completed=state.step)
-        while state.step < config.steps:
-            step = state.step + 1
+        budget = 60 * config.max_train_minutes or math.inf
+        while state.step < config.steps and state.train_seconds < budget:  # (a resumed run may have used it)
+            step, started = state.step + 1, time.perf_counter()
             rows, conversations = sample_prompts(run, step)  # 1. this rank's share of the step's prompts
             completions, rollout_time = roll_out(run, conversations, step)  # 2. G completions each
             rewards, advantage, per_func = score(run, rows, conversations, completions, step, failures)  # 3.
@@ -159,11 +164,28 @@ def train(config: TrainConfig) -> Path:
             run.log(record)
             bar.update(job, advance=1, description=f"reward {record['reward']:.3f}  kl {record['kl']:.2e}  "
                                                    f"{run.policy.progress(record)}")
-            if step % config.eval_every == 0 or step == config.steps:
+            last = step == config.steps or out_of_time(run, state.train_seconds + time.perf_counter() - started)
+            if step % config.eval_every == 0 or last:
                 validate(run, step, bar.console)
-            if step % config.save_every == 0 or step == config.steps:
+            state.train_seconds += time.perf_counter() - started
+            if step % config.save_every == 0 or last:
                 save_checkpoint(accelerator, run.output_dir, step, run.update.checkpoint_kwargs)
+            if last:
+                break
     return finish(run)
+
+
+def out_of_time(run: Run, seconds: float) -> bool:
+    """Whether the steps (with their validations) have used `max_train_minutes`; the slowest rank's count decides,
+    so every rank stops at the same step."""
+    if not run.config.max_train_minutes:
+        return False
+    spent = run.accelerator.reduce(torch.tensor(seconds, device=run.accelerator.device), "max").item()
+    if spent < 60 * run.config.max_train_minutes:
+        return False
+    log.info("step %d: %.1f minutes of max_train_minutes=%g used; training ends here", run.state.step, spent / 60,
+             run.config.max_train_minutes)
+    return True
 
 
 def setup(config: TrainConfig) -> Run:
