@@ -91,6 +91,52 @@ def test_the_router_gradient_is_the_per_token_mixtures(tmp_path):
     assert torch.allclose(fast, layer.router.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_gradient_is_the_written_out_ones(
+        tmp_path):
+    """routing=sequence: row i runs at z_i = 1 + Σₖ gₖ(p_i)(zₖ − 1), gates from the base model's final hidden
+    states averaged over prompt i's tokens (left padding ignored), the same for the prompt and its completion;
+    ∂L/∂R is autograd's through each row's own SVF model at z_i(R)."""
+    from torch.func import functional_call
+
+    from svf_rl.engines.hf import left_pad, prompt_rows
+    from svf_rl.inference.expert import load_expert
+
+    paths = expert_files(tmp_path)
+    experts = [load_expert(p).vectors for p in paths]
+    model, policy = mixture(paths, routing="sequence")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        policy.router.weight.normal_(0, 3.0)
+    prompts, answers = [[3, 9, 27, 11], [4, 8, 15, 16, 23, 42]], [[5, 6, 7], [1, 2, 3]]
+    ids, mask = left_pad(prompts, 0)
+    full, full_mask = left_pad([p + a for p, a in zip(prompts, answers)], 0)
+    with prompt_rows(model, ids, mask):
+        logits = model(input_ids=full, attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    (logits ** 2 * full_mask[..., None]).sum().backward()  # the padding's outputs are no row's
+    got = policy.router.weight.grad.clone()
+
+    base, svf = tiny_llama(), svf_model_at({n: torch.ones_like(v) for n, v in experts[0].items()})
+    loss, gate_rows = 0, []
+    for prompt, answer in zip(prompts, answers):
+        with torch.no_grad():
+            pooled = base(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0].mean(0)
+        gates = F.linear(pooled, policy.router.weight, policy.router.bias).softmax(-1)
+        gate_rows.append(gates.detach())
+        z = {f"{n}.z": 1 + sum(gates[k + 1] * (e[n] - 1) for k, e in enumerate(experts)) for n in experts[0]}
+        out = functional_call(svf, z, (torch.tensor([prompt + answer]),)).logits
+        row = len(gate_rows) - 1
+        assert torch.allclose(out[0], logits[row, -out.shape[1]:], atol=1e-4)  # the row's own model, unpadded
+        loss = loss + (out ** 2).sum()
+    assert (gate_rows[0] - gate_rows[1]).abs().max() > 0.05  # the prompts are routed differently
+    want, = torch.autograd.grad(loss, policy.router.weight)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-6) and want.abs().max() > 1e-4
+    with pytest.raises(RuntimeError, match="without its prompts' first pass"):
+        model(full)
+    with torch.no_grad(), policy.reference():  # π_ref needs no first pass
+        assert torch.allclose(model(IDS).logits, tiny_llama()(IDS).logits, atol=1e-5)
+
+
 def test_the_balance_terms_gradient_is_switchs_on_the_forwarded_tokens():
     router = Router(6, 3, balance=0.5)
     torch.manual_seed(1)
@@ -220,7 +266,9 @@ def test_routing_statistics_are_each_options_mean_gate_and_top1_share(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     (["policy=mixture"], "experts must list at least one expert file"),
     (["policy=mixture", "policy_args.experts=[missing.safetensors]"], "expert file not found"),
-    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.routing=sequence"], "routing must be token"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.routing=prompt"], "routing must be token"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.routing=sequence", "gradient_checkpointing=true"],
+     "routing=sequence with gradient_checkpointing"),
     (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.top_k=3"], "top_k must be 0"),
     (["policy=mixture", "policy_args.experts=[{e0}]", "targets=attn"], "trained with targets 'mlp'"),
     (["policy=mixture", "policy_args.experts=[{e0},{other}]"], "other base weights or layers"),
@@ -252,14 +300,15 @@ def tiny_experts(tiny_model_dir, tmp_path_factory):
 
 
 ROUTED = {"mixture": {"balance": 0.1, "top_k": 2}, "hydralora": {"experts": 3, "rank": 2, "balance": 0.1},
-          "molora": {"experts": 2, "rank": 2}}
+          "molora": {"experts": 2, "rank": 2}, "mixture-sequence": {"routing": "sequence", "balance": 0.1}}
 
 
 def routed_config(name, tiny_model_dir, path, experts, **overrides):
     from tests.test_train import tiny_config
 
-    args = {**ROUTED[name], **({"experts": f"[{','.join(experts)}]"} if name == "mixture" else {})}
-    return tiny_config(tiny_model_dir, path, **{"policy": name, "targets": "mlp", "lr": 2.0, **overrides},
+    policy = name.partition("-")[0]
+    args = {**ROUTED[name], **({"experts": f"[{','.join(experts)}]"} if policy == "mixture" else {})}
+    return tiny_config(tiny_model_dir, path, **{"policy": policy, "targets": "mlp", "lr": 2.0, **overrides},
                        **{f"policy_args.{k}": v for k, v in args.items()})
 
 
@@ -298,7 +347,7 @@ def test_a_routed_policy_trains_through_the_loop_and_its_file_loads_and_resumes(
     resumed, _ = read_routed(train(routed_config(name, tiny_model_dir, tmp_path / "split", tiny_experts, steps=4,
                                                  save_every=2, eval_every=2, **EQUALITY)))
     whole, info = read_routed(artefact)
-    assert info["policy"] == name and info["labels"] == policy.labels and "test_accuracy" in info["scores"]
+    assert info["policy"] == name.partition("-")[0] and info["labels"] == policy.labels and "test_accuracy" in info["scores"]
     for key in whole:
         assert torch.allclose(whole[key], resumed[key], rtol=0, atol=1e-6), key
     # `svf-rl eval` scores the file as training's test did (the mixture's experts come from the file itself)

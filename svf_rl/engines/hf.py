@@ -103,6 +103,13 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def prompt_rows(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
+    """Forwards inside run `repeats` sequences of each prompt in `ids` (left-padded), in that order: a model that
+    routes each sequence by its prompt (`route_rows`, a mixture's first pass) sets their gates; others ignore it."""
+    route = getattr(model, "route_rows", None)
+    return route(ids, mask, repeats) if route is not None else contextlib.nullcontext()
+
+
 class RolloutDistribution(LogitsProcessor):
     """The sampling distribution, written out: softmax(logits / T) cut to its top-p nucleus, as log-probs.
 
@@ -206,14 +213,15 @@ class HFEngine:
                                    **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
         ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         shared = {}
-        if share_prompts and sampling.n > 1 and ids.shape[1] > 1:  # each prompt's keys and values once, for n
-            shared["past_key_values"] = self._prefill(ids[:, :-1], mask[:, :-1], sampling.n)
-            ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
-            options.num_return_sequences = 1
-        with neutral_generation_defaults(self.model):
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=options,
-                                      logits_processor=LogitsProcessorList([distribution] if distribution else []),
-                                      **shared)
+        with prompt_rows(self.model, ids, mask, sampling.n):  # a model that routes each sequence by its prompt reads them here
+            if share_prompts and sampling.n > 1 and ids.shape[1] > 1:  # each prompt's keys and values once, for n
+                shared["past_key_values"] = self._prefill(ids[:, :-1], mask[:, :-1], sampling.n)
+                ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
+                options.num_return_sequences = 1
+            with neutral_generation_defaults(self.model):
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=options,
+                                          logits_processor=LogitsProcessorList([distribution] if distribution else []),
+                                          **shared)
         generated = out[:, ids.shape[1]:]
         logprobs = distribution.logprobs(out).tolist() if distribution else None
         completions = []

@@ -248,10 +248,10 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     if routed:  # which expert each source's tokens went to: prompt and greedy answer, teacher-forced
         from svf_rl.policies.routing import read_routed, routing_by_group
 
-        groups: dict[str, list[list[int]]] = {}
+        groups: dict[str, list[tuple[list[int], list[int]]]] = {}
         for row, ids, item in zip(rows, prompts, greedy["greedy"], strict=True):
             answer = tokenizer(item["completion"], add_special_tokens=False).input_ids
-            groups.setdefault(row.get("source", "all"), []).append(ids + answer)
+            groups.setdefault(row.get("source", "all"), []).append((ids, answer))
         result["routing"] = routing_by_group(model_obj, groups, read_routed(experts[0])[1]["labels"])
     if samples > 0:
         per_call = max(1, batch_size // samples)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from svf_rl.engines.hf import left_pad
+from svf_rl.engines.hf import left_pad, prompt_rows
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,10 @@ def head_is_plain(model) -> bool:
     if head is None or not isinstance(head, nn.Linear):
         return False
     ids = torch.arange(1, 6, device=head.weight.device)[None] % head.out_features
-    logits = model(input_ids=ids, use_cache=False).logits
-    with hidden_states_out(model):
-        rebuilt = head(model(input_ids=ids, use_cache=False).logits)
+    with prompt_rows(model, ids, torch.ones_like(ids)):
+        logits = model(input_ids=ids, use_cache=False).logits
+        with hidden_states_out(model):
+            rebuilt = head(model(input_ids=ids, use_cache=False).logits)
     return logits.shape == rebuilt.shape and torch.equal(logits, rebuilt)
 
 
@@ -176,15 +177,13 @@ def completion_features(policy, model, batch: TokenBatch, group: int = 1, hidden
     or the logits. `group` > 1: rows come in groups of that many completions of one prompt, and the prompt
     runs once per group. `policy` is what forwards call (the model or its DeepSpeed engine)."""
     context = hidden_states_out(model) if hidden else contextlib.nullcontext()
-    width = batch.completion_ids.shape[1]
-    with context:
+    width, prompt, first = batch.completion_ids.shape[1], batch.prompt_width, slice(0, len(batch), group)
+    with prompt_rows(model, batch.input_ids[first, :prompt], batch.attention_mask[first, :prompt], group), context:
         if group == 1:
             out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids, logits_to_keep=width + 1, use_cache=False)
             return out.logits[:, :-1]
         check_groups(batch, group)
-        prompt = batch.prompt_width
-        first = slice(0, len(batch), group)
         cache = SharedPrefixCache()
         head = policy(input_ids=batch.input_ids[first, :prompt], attention_mask=batch.attention_mask[first, :prompt],
                       position_ids=batch.position_ids[first, :prompt], past_key_values=cache, use_cache=True,

@@ -1,13 +1,17 @@
 """A mixture of SVF experts: each token's z is 1 + Σₖ gₖ(x)(zₖ − 1), on the base model's own U, s, Vᵀ.
 
 The experts are expert files trained on this base model (frozen unless `train_experts`); the options are the
-base model (g₀, which adds nothing) and the K experts, and a router per adapted layer gives each token its
-gates from the layer's input (MoV's per-token soft routing, here over singular-value scales). The layer runs
-factored, U((s ⊙ z(x)) ⊙ Vᵀx), which costs (in + out)·r per token. π_ref is the base model (z = 1).
+base model (g₀, which adds nothing) and the K experts. `routing=token`: a router per adapted layer gives each
+token its gates from the layer's input (MoV's per-token soft routing, here over singular-value scales).
+`routing=sequence`: one router gives each completion its gates from its prompt alone, once (a learned
+Transformer² first pass): the base model reads the prompt, the router maps the mean of its final hidden states
+to gates, and every layer runs the whole sequence at that z. The layer runs factored, U((s ⊙ z) ⊙ Vᵀx), which
+costs (in + out)·r per token. π_ref is the base model (z = 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +36,9 @@ class MixtureArgs:
     def check(self):
         if not self.experts or not all(isinstance(e, str) and e for e in self.experts):
             return "experts must list at least one expert file, e.g. policy_args.experts=[runs/a/expert.safetensors]"
-        if self.routing != "token":
-            return f"routing must be token (each token's gates from its layer input), got {self.routing!r}"
+        if self.routing not in ("token", "sequence"):
+            return (f"routing must be token (each token's gates from its layer input) or sequence (each "
+                    f"completion's from its prompt), got {self.routing!r}")
         if not 0 <= self.top_k <= len(self.experts) + 1:
             return f"top_k must be 0 (all) or at most {len(self.experts) + 1} (the base and each expert)"
         if not 0 <= self.balance < float("inf"):
@@ -43,23 +48,30 @@ class MixtureArgs:
 class MixtureLinear(SVFLinear):
     """An SVF layer whose z is mixed per token from frozen (or trained) expert vectors."""
 
-    def __init__(self, layer: SVFLinear, experts: torch.Tensor, router: Router, train_experts: bool):
+    def __init__(self, layer: SVFLinear, experts: torch.Tensor, router: Router | None, train_experts: bool):
         super().__init__(layer.U.data, layer.s.data, layer.Vh.data, layer.bias, "factored")
         self.z.requires_grad_(False)  # stays 1
         self.cache_policy = self.cache_reference = False  # π_ref's forwards run factored: no W'(1) kept
         self.experts = nn.Parameter(experts.float().to(layer.s.device), requires_grad=train_experts)  # [K, r]
-        self.router = router.to(layer.s.device)
+        self.router = None if router is None else router.to(layer.s.device)  # None: routed by sequence
+        self.row_gates: torch.Tensor | None = None  # [rows, 1 + K]: each sequence's gates (routing=sequence)
 
     def _apply(self, fn, recurse=True):
         """model.to(dtype) casts the factors, never the experts or the router: their updates would round away."""
         super()._apply(fn, recurse)
-        keep_fp32([self.experts, *self.router.parameters()])
+        keep_fp32([self.experts, *(self.router.parameters() if self.router is not None else ())])
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_reference:
             return super().forward(x)
-        gates = self.router(x)  # [..., 1 + K]: the base, then each expert
+        if self.router is not None:
+            gates = self.router(x)  # [..., 1 + K]: the base, then each expert
+        elif self.row_gates is None:
+            raise RuntimeError("a sequence-routed mixture ran without its prompts' first pass (policy.rows)")
+        else:
+            gates = rows_of(self.row_gates, x.shape[0])
+            gates = gates.view(x.shape[0], *[1] * (x.dim() - 2), gates.shape[-1])
         z = 1 + gates[..., 1:] @ (self.experts - 1)
         scaled = (F.linear(x, self.Vh).float() * (self.s.float() * z)).to(x.dtype)
         return F.linear(scaled, self.U, self.bias)
@@ -73,6 +85,10 @@ class MixturePolicy(RoutedPolicy):
     def __init__(self, config):
         super().__init__(config)
         self.args = check_args("mixture", MixtureArgs, config.policy_args)
+        if self.args.routing == "sequence" and getattr(config, "gradient_checkpointing", False):
+            raise PolicyError("routing=sequence with gradient_checkpointing: a recomputed layer would run without "
+                              "its sequences' gates; use routing=token or gradient_checkpointing=false")
+        self.router: Router | None = None  # routing=sequence: the one router, on the prompt's hidden states
         self.experts = read_experts(self.args.experts, config.targets)
         self.labels = ["base"] + expert_labels(self.args.experts, self.experts)
         # What the file records is what was read: the expert files may move or change during the run.
@@ -88,6 +104,7 @@ class MixturePolicy(RoutedPolicy):
         policy = cls.__new__(cls)
         RoutedPolicy.__init__(policy, config)
         policy.args = check_args("mixture", MixtureArgs, config.policy_args)
+        policy.router = None
         names = [k.removesuffix(".experts") for k in tensors if k.endswith(".experts")]
         policy.experts = [Expert({n: tensors[f"{n}.experts"][k] for n in names}, info["base_model"],
                                  info["base_fingerprint"], info["targets"], label)
@@ -112,13 +129,47 @@ class MixturePolicy(RoutedPolicy):
             except ExpertError as err:
                 raise PolicyError(f"policy_args.experts: {path}: {err}") from None
             vectors.append(as_scale_expert(expert, lambda module: layers[module].s).vectors)
-        options = len(vectors) + 1
+        options, per_token = len(vectors) + 1, self.args.routing == "token"
         for name, layer in layers.items():
-            router = Router(layer.in_features, options, self.args.top_k, self.args.balance)
+            router = Router(layer.in_features, options, self.args.top_k, self.args.balance) if per_token else None
             mixed = MixtureLinear(layer, torch.stack([v[name] for v in vectors]), router, self.args.train_experts)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, mixed)
+        if not per_token:  # a module of the model, so that DDP and DeepSpeed see its parameters
+            self.router = Router(model.config.hidden_size, options, self.args.top_k, self.args.balance)
+            self.router.per_sequence = True
+            model.add_module(SEQUENCE_ROUTER, self.router.to(next(iter(layers.values())).s.device))
+            model.route_rows = self.rows  # the engines' and the update's first pass (logprobs.prompt_rows)
         self.model, self.layers = model, svf_layers(model)
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        params = super().named_parameters()
+        if self.router is not None:
+            params.update({f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()})
+        return params
+
+    @contextlib.contextmanager
+    def rows(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
+        """Forwards inside run `repeats` sequences of each prompt (`ids`, `mask`: left-padded), each at its gates:
+        the router on the mean of the base model's final hidden states over the prompt's tokens, once per
+        sequence (its statistics and balance term count sequences)."""
+        if any(layer.use_reference for layer in self.layers.values()):  # π_ref's forwards: no routing
+            yield
+            return
+        with torch.no_grad(), reference_mode(self.model):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        weights = mask[..., None].float()
+        pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
+        gates = self.router(pooled.repeat_interleave(repeats, 0))
+        for layer in self.layers.values():
+            layer.row_gates = gates
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.row_gates = None
 
     def centre(self, name: str) -> float:
         return 1.0 if name.endswith(".experts") else 0.0  # decayed experts go towards the base (z = 1)
@@ -134,30 +185,51 @@ class MixturePolicy(RoutedPolicy):
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """Every router, and every expert's z (trained or not): the file alone rebuilds the mixture."""
-        return {f"{name}.{part}": tensor.detach().float().cpu().clone() for name, layer in self.layers.items()
-                for part, tensor in saved_parts(layer)}
+        tensors = {f"{name}.{part}": tensor for name, layer in self.layers.items() for part, tensor in saved_parts(layer)}
+        if self.router is not None:
+            tensors.update({f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()})
+        return {name: tensor.detach().float().cpu().clone() for name, tensor in tensors.items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
+        mine = {f"{name}.{part}": tensor for name, layer in self.layers.items() for part, tensor in saved_parts(layer)}
+        if self.router is not None:
+            mine.update({f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()})
         with torch.no_grad():
-            for name, layer in self.layers.items():
-                for part, tensor in saved_parts(layer):
-                    key = f"{name}.{part}"
-                    if key not in tensors or tensors[key].shape != tensor.shape:
-                        raise PolicyError(f"{path} does not fit this mixture: {key} is missing or of another shape")
-                    tensor.copy_(tensors[key])
+            for key, tensor in mine.items():
+                if key not in tensors or tensors[key].shape != tensor.shape:
+                    raise PolicyError(f"{path} does not fit this mixture: {key} is missing or of another shape")
+                tensor.copy_(tensors[key])
 
     def memory(self, targets: list[tuple[str, int, int]], b: int) -> dict:
-        """Factors instead of each W (U, s, Vᵀ less W), K expert vectors, a router per layer."""
+        """Factors instead of each W (U, s, Vᵀ less W), K expert vectors, a router per layer (or one)."""
         k = len(self.experts)
         ranks = sum(min(o, i) for _, o, i in targets)
         factors = sum(o * min(o, i) + min(o, i) + min(o, i) * i - o * i for _, o, i in targets)
-        trainable = (k + 1) * sum(i + 1 for _, _, i in targets) + (k * ranks if self.args.train_experts else 0)
+        routers = (k + 1) * (sum(i + 1 for _, _, i in targets) if self.args.routing == "token"
+                             else min(i for _, _, i in targets) + 1)  # sequence: one router on the hidden size
+        trainable = routers + (k * ranks if self.args.train_experts else 0)
         frozen = factors * b + (0 if self.args.train_experts else k * ranks * 4)
         return {"trainable": trainable, "frozen_bytes": frozen, "rank": max(min(o, i) for _, o, i in targets)}
 
 
+def rows_of(gates: torch.Tensor, rows: int) -> torch.Tensor:
+    """The gates of a forward's `rows`, from one row per prompt or one per sequence: rows come in groups of one
+    prompt's completions (a shared prompt's forward has one row per group; a generation n per prompt)."""
+    if rows == len(gates):
+        return gates
+    if len(gates) % rows == 0:
+        return gates[::len(gates) // rows]
+    if rows % len(gates) == 0:
+        return gates.repeat_interleave(rows // len(gates), 0)
+    raise RuntimeError(f"a forward of {rows} rows under the gates of {len(gates)} prompts")
+
+
+SEQUENCE_ROUTER = "sequence_router"  # routing=sequence: the router's module name in the model
+
+
 def saved_parts(layer: MixtureLinear) -> list[tuple[str, torch.Tensor]]:
-    return [("router.weight", layer.router.weight), ("router.bias", layer.router.bias), ("experts", layer.experts)]
+    routers = [] if layer.router is None else [("router.weight", layer.router.weight), ("router.bias", layer.router.bias)]
+    return [*routers, ("experts", layer.experts)]
 
 
 def read_experts(paths: list[str], targets: str) -> list:

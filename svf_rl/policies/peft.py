@@ -254,7 +254,7 @@ class PeftPolicy:
     def reference(self):
         return self.peft.disable_adapter()
 
-    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0):
+    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0):
         return contextlib.nullcontext()
 
     def regulariser(self) -> torch.Tensor | None:

@@ -53,6 +53,7 @@ class Router(nn.Module):
             nn.init.uniform_(self.weight, -bound, bound)
         self.bias = nn.Parameter(torch.zeros(options))
         self.top_k, self.balance = top_k, balance
+        self.per_sequence = False  # routes whole sequences: one position per sequence
         self.step_tokens = 0  # positions the optimiser step forwards (set in its scope); 0: this forward's
         self.layers = 1  # routed layers in the model: the balance term is their mean
         self.loss_scale = 1.0  # what the backend multiplies the loss by (set in the step's scope)
@@ -102,10 +103,11 @@ def routers(model: nn.Module) -> list[Router]:
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
-def set_step(model: nn.Module, tokens: int, loss_scale: float = 1.0) -> None:
+def set_step(model: nn.Module, tokens: int, loss_scale: float = 1.0, sequences: int = 0) -> None:
     layers = routers(model)
     for router in layers:
-        router.step_tokens, router.layers, router.loss_scale = tokens, len(layers), loss_scale
+        router.step_tokens = sequences if router.per_sequence else tokens
+        router.layers, router.loss_scale = len(layers), loss_scale
 
 
 def routing_metrics(model: nn.Module, labels: list[str]) -> dict[str, float]:
@@ -201,9 +203,10 @@ class RoutedPolicy:
                 params[name].copy_(value)
 
     @contextlib.contextmanager
-    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0):
-        """The balance term is scaled by the step's token positions (each micro-batch adds its share)."""
-        set_step(self.model, tokens, loss_scale)
+    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0):
+        """The balance term is scaled by the step's token positions, or its sequences for a router that routes
+        whole sequences (each micro-batch adds its share)."""
+        set_step(self.model, tokens, loss_scale, sequences)
         try:
             yield
         finally:
@@ -360,14 +363,19 @@ def routed_model(path, model_id: str, dtype: str = "auto"):
 
 
 @torch.no_grad()
-def routing_by_group(model: nn.Module, groups: dict[str, list[list[int]]], labels: list[str]) -> dict[str, dict]:
-    """Each group's routing statistics (routing_metrics' rollout ones, without the prefix) over its token
-    sequences, each run alone so that no padding is counted."""
+def routing_by_group(model: nn.Module, groups: dict[str, list[tuple[list[int], list[int]]]], labels: list[str]
+                     ) -> dict[str, dict]:
+    """Each group's routing statistics (routing_metrics' rollout ones, without the prefix) over its (prompt,
+    answer) token sequences, each run alone so that no padding is counted (a sequence router: once each)."""
+    from svf_rl.engines.hf import prompt_rows
+
     routing_metrics(model, labels)  # forget what came before
     device = next(model.parameters()).device
     out = {}
     for name, sequences in groups.items():
-        for ids in sequences:
-            model(input_ids=torch.tensor([ids], device=device))
+        for prompt, answer in sequences:
+            ids = torch.tensor([prompt], device=device)
+            with prompt_rows(model, ids, torch.ones_like(ids)):
+                model(input_ids=torch.tensor([prompt + answer], device=device))
         out[name] = {k.removeprefix("route_rollout_"): v for k, v in routing_metrics(model, labels).items()}
     return out
