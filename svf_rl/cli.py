@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     mix.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     adapt = commands.add_parser("adapt", help="Transformer² two-pass inference over experts, on their tasks' mixture")
     adapt.add_argument("experts", nargs="+", help="expert files, or NAME=PATH (default name: the run directory)")
-    adapt.add_argument("--strategy", required=True, help="prompt | classifier | few-shot | oracle | base | a name")
+    adapt.add_argument("--strategy", required=True, help="prompt | classifier | few-shot | router | oracle | base | a name")
     adapt.add_argument("--classifier", help="classifier expert (strategy classifier)")
+    adapt.add_argument("--router", help="strategy router: a mixture file trained with policy_args.routing=sequence "
+                                        "over these experts; its router is the first pass")
     adapt.add_argument("--describe", nargs="+", default=[], metavar="NAME=TEXT",
                        help="prompt strategy: what each category means, for the classification prompt")
     adapt.add_argument("--task", nargs="+", default=[], metavar="NAME=TASK",
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                     {name: parse_task_args(text) for name, text in
                                      parse_named(args.task_args, "--task-args", "JSON").items()},
                                     args.mixing, args.save_experts, args.prompts, args.first_pass,
-                                    args.first_pass_tokens)
+                                    args.first_pass_tokens, args.router)
             if args.prompts:
                 print(f"{result['n']} answers; routes: {result['routes']}")
             else:

@@ -421,3 +421,61 @@ def test_adapt_answers_your_own_prompts_and_keeps_the_alpha_it_finds(sharp_model
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     assert main(["adapt", a, b, "--strategy", "prompt", "--prompts", str(tmp_path / "bad.jsonl")]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+def sequence_mixture(model_dir, experts, path, seed=0):
+    """A mixture file with a sequence router over `experts` (random, so that prompts are routed apart)."""
+    from svf_rl.config import load_config
+    from svf_rl.policies import make_policy
+
+    config = load_config(None, ["policy=mixture", "targets=mlp", f"model={model_dir}",
+                                f"policy_args.experts=[{','.join(experts)}]", "policy_args.routing=sequence"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    fingerprint = model_fingerprint(model)
+    policy = make_policy(config)
+    policy.attach(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        policy.router.weight.normal_(0, 2.0)
+    return policy.save(path, {"model": model_dir, "fingerprint": fingerprint, "task": "mixed", "config": {}}, {})
+
+
+def test_the_router_strategy_answers_as_the_trained_sequence_mixture_does(sharp_model_dir, tmp_path, capsys):
+    from svf_rl.policies.routing import routed_model
+
+    a = write_expert(sharp_model_dir, tmp_path / "arith" / "expert.safetensors", 0, "arithmetic", {})
+    b = write_expert(sharp_model_dir, tmp_path / "gcd.safetensors", 1, *GCD)
+    mix = sequence_mixture(sharp_model_dir, [a, b], tmp_path / "mix.safetensors")
+    common = [a, b, "--model", sharp_model_dir, "--size", "3", "--strategy", "router"]
+    out = tmp_path / "router.json"
+    assert main(["adapt", *common, "--router", str(mix), "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 6 and set(result["mean_gates"]) == {"arith", "gcd"} and set(result["recall"]) == {
+        "arith", "gcd"} and result["first_pass_tokens"] > 0
+    assert all(sum(g) == pytest.approx(1.0) for g in result["mean_gates"].values())
+    # Its first pass and second are the mixture's own: the file's routed model, greedy, on the same prompts
+    model, tokenizer = routed_model(mix, sharp_model_dir)
+    items = mixture({"arith": load_task("arithmetic", {}), "gcd": load_task(*GCD)}, "test", 3, 0)
+    prompts = [chat_ids(tokenizer, item.task.prompt(item.row)) for item in items]
+    want = HFEngine(model, tokenizer).generate(prompts, Sampling(1, 0.0, 1.0, result["max_new_tokens"]))
+    assert [c["completion"] for c in result["completions"]] == [c.text for c in want]
+    assert len({c.text for c in want}) > 1
+    # Refused in one line: no router, a router elsewhere, other experts, a token-routed file, vLLM
+    other = write_expert(sharp_model_dir, tmp_path / "arith2.safetensors", 3, "arithmetic", {})
+    token = tmp_path / "token.safetensors"
+    from svf_rl.config import load_config
+    from svf_rl.policies import make_policy
+
+    policy = make_policy(load_config(None, ["policy=mixture", "targets=mlp", f"policy_args.experts=[{a},{b}]"]))
+    policy.attach(AutoModelForCausalLM.from_pretrained(sharp_model_dir))
+    policy.save(token, {"model": sharp_model_dir, "fingerprint": load_expert(a).base_fingerprint, "task": "mixed",
+                        "config": {}}, {})
+    capsys.readouterr()
+    for args, message in [(common, "needs --router"),
+                          ([a, b, "--strategy", "oracle", "--router", str(mix)], "used only by --strategy router"),
+                          ([a, other, *common[2:], "--router", str(mix)], "not among the experts given"),
+                          ([*common, "--router", str(token)], "routing='token'"),
+                          ([*common, "--router", str(mix), "--engine", "vllm"], "only the HF engine")]:
+        assert main(["adapt", *args]) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

@@ -32,7 +32,7 @@ from svf_rl.run_files import wilson_interval
 from svf_rl.task import Task, load_task, safe_score
 
 BASE = "base"  # the route of a prompt that no expert claims: the base model, z = 1
-STRATEGIES = ("base", "oracle", "prompt", "classifier", "few-shot")
+STRATEGIES = ("base", "oracle", "prompt", "classifier", "few-shot", "router")
 FIRST_PASSES = ("score", "generate")  # the routers: score each category's log-prob, or generate and read
 # The instructions first: what all prompts share is read once by the scored first pass.
 CLASSIFY_PROMPT = ("Which category does this question belong to? Categories:\n{options}\n- other: anything else\n\n"
@@ -94,6 +94,7 @@ class Adaptation:
     second: PassCost
     alphas: dict = field(default_factory=dict)  # few-shot: route key -> α found
     search: dict = field(default_factory=dict)  # few-shot: route key -> CEM trace
+    gates: list = field(default_factory=list)  # router: per prompt, its gates (base first, then each expert)
 
     def report(self, items: list[Item]) -> dict:
         n, correct = len(items), sum(self.scores)
@@ -114,6 +115,12 @@ class Adaptation:
             for route, item in zip(routed, items, strict=True):
                 own[item.category].append(route == item.category)
             result["recall"] = {k: sum(v) / len(v) for k, v in own.items()}
+        if self.gates:  # each category's mean gate per option (base first, then the experts)
+            by_task = defaultdict(list)
+            for item, gates in zip(items, self.gates, strict=True):
+                by_task[item.category].append(gates)
+            result["mean_gates"] = {k: [sum(col) / len(col) for col in zip(*v, strict=True)]
+                                    for k, v in by_task.items()}
         if self.alphas:
             result["alphas"] = {str(k): v.tolist() for k, v in self.alphas.items()}
             result["search"] = {str(k): v for k, v in self.search.items()}
@@ -137,6 +144,7 @@ class Adapter:
         self.mixed_batches = False  # second pass: every route in the same batches, each row at its own z (HF)
         self.modules = list(next(iter(experts.values())).vectors)
         self.stack = {m: torch.stack([e.vectors[m].float() for e in experts.values()]) for m in self.modules}
+        self.experts_index = {name: k for k, name in enumerate(experts)}
 
     def mix(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """z' = Σₖ αₖ zₖ, or 1 + Σₖ αₖ (zₖ − 1) when anchored; alpha [experts] or [matrices, experts]."""
@@ -202,6 +210,27 @@ class Adapter:
             routes = [first_label(c.text, task.labels) for c in completions]
         cost.seconds += time.perf_counter() - started
         return [r if r in self.experts else BASE for r in routes], cost
+
+    @torch.no_grad()
+    def route_by_router(self, items: list[Item], router: SequenceRouter) -> tuple[list, list, PassCost]:
+        """A trained sequence router (a mixture's first pass) gives each prompt its gates from the base model's
+        final hidden states, averaged over the prompt: (per prompt its z, its gates, the cost)."""
+        prompts = self._prompts(items)
+        cost, started, gates = PassCost(), time.perf_counter(), []
+        device = next(self.model.parameters()).device
+        with reference_mode(self.model):
+            for start in range(0, len(prompts), 32):
+                ids, mask = left_pad(prompts[start:start + 32], self.tokenizer.pad_token_id)
+                ids, mask = ids.to(device), mask.to(device)
+                hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                    output_hidden_states=True, logits_to_keep=1).hidden_states[-1].float()
+                weights = mask[..., None].float()
+                gates += router.gates((hidden * weights).sum(1) / weights.sum(1)).cpu().tolist()
+        cost.tokens += sum(map(len, prompts))
+        cost.seconds += time.perf_counter() - started
+        order = [self.experts_index[name] for name in router.names]
+        zs = [{m: 1 + torch.tensor(g[1:]) @ (self.stack[m][order] - 1) for m in self.modules} for g in gates]
+        return zs, gates, cost
 
     def _shortened(self, question: str) -> str:
         """At most `first_pass_tokens` tokens of the question: its start says what kind of task it is."""
@@ -349,11 +378,11 @@ class Adapter:
 
     def run(self, strategy: str, items: list[Item], classifier: Expert | None = None,
             shots: dict[str, list[Item]] | None = None, cem: CEM | None = None,
-            descriptions: dict[str, str] | None = None) -> Adaptation:
+            descriptions: dict[str, str] | None = None, router: SequenceRouter | None = None) -> Adaptation:
         """One strategy end to end. A name of an expert as `strategy` runs that expert alone on every prompt.
         few-shot: `shots` maps a route (a task, as in the paper, or one key for the whole mixture) to its shots;
         items go to the route of their category if it has shots, else to the single route."""
-        first, alphas, search = PassCost(), {}, {}
+        first, alphas, search, gates = PassCost(), {}, {}, []
         zs = {BASE: None, **{name: expert.vectors for name, expert in self.experts.items()}}
         if strategy == "base" or strategy in self.experts:
             routes = [BASE if strategy == "base" else strategy] * len(items)
@@ -378,10 +407,72 @@ class Adapter:
             if any(key is None for _, key in routes):
                 missing = sorted({item.category for item in items} - set(shots))
                 raise ExpertError(f"few-shot: no shots for categories {missing}")
+        elif strategy == "router":
+            if router is None:
+                raise ExpertError("the router strategy needs a sequence router (a mixture file)")
+            per_prompt, gates, first = self.route_by_router(items, router)
+            zs.update({("router", i): z for i, z in enumerate(per_prompt)})
+            routes = [("router", i) for i in range(len(items))]
         else:
             raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)} or an expert's name")
-        completions, scores, second = self.answer(items, routes, zs)
-        return Adaptation(strategy, routes, completions, scores, first, second, alphas, search)
+        mixed, self.mixed_batches = self.mixed_batches, self.mixed_batches or strategy == "router"  # a z per prompt
+        try:
+            completions, scores, second = self.answer(items, routes, zs)
+        finally:
+            self.mixed_batches = mixed
+        if strategy == "router":  # reported by its largest gate
+            labels = [BASE, *router.names]
+            routes = [labels[max(range(len(g)), key=g.__getitem__)] for g in gates]
+        return Adaptation(strategy, routes, completions, scores, first, second, alphas, search, gates)
+
+
+@dataclass
+class SequenceRouter:
+    """A trained mixture's sequence router, as a first pass over these experts: gates = softmax(W h + b) (top-k
+    kept, not renormalised, as in training); `names`: the experts of its options 1.., by their names here."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    top_k: int
+    names: list[str]
+
+    def gates(self, hidden: torch.Tensor) -> torch.Tensor:
+        probs = torch.nn.functional.linear(hidden.float(), self.weight.to(hidden.device),
+                                           self.bias.to(hidden.device)).softmax(-1)
+        if 0 < self.top_k < probs.shape[-1]:
+            probs = probs * torch.zeros_like(probs).scatter_(-1, probs.topk(self.top_k, -1).indices, 1.0)
+        return probs
+
+
+def read_router(path: str | Path, experts: dict[str, Path], fingerprint: str) -> SequenceRouter:
+    """A mixture file with a sequence router over exactly these expert files (by SHA-256), or one line why not."""
+    import hashlib
+
+    from svf_rl.policies.base import PolicyError
+    from svf_rl.policies.mixture import SEQUENCE_ROUTER
+    from svf_rl.policies.routing import read_routed
+
+    try:
+        tensors, info = read_routed(path)
+    except PolicyError as err:
+        raise ExpertError(f"--router: {err}") from None
+    args = info["policy_args"]
+    if info["policy"] != "mixture" or args.get("routing") != "sequence":
+        raise ExpertError(f"--router: {path} is a {info['policy']} policy with routing={args.get('routing')!r}; "
+                          f"the router strategy needs a mixture trained with policy_args.routing=sequence")
+    if info["base_fingerprint"] != fingerprint:
+        raise ExpertError(f"--router: {path} was trained on other base weights than the experts")
+    by_sha = {hashlib.sha256(Path(p).read_bytes()).hexdigest(): name for name, p in experts.items()}
+    recorded = args.get("expert_files", [])
+    names = [by_sha.get(e.get("sha256")) for e in recorded]
+    if not recorded or None in names:
+        missing = next((e.get("path") for e, n in zip(recorded, names, strict=True) if n is None), "its experts")
+        raise ExpertError(f"--router: {path} routes over {missing}, which is not among the experts given "
+                          f"(matched by SHA-256); give the expert files it was trained with")
+    weight, bias = tensors.get(f"{SEQUENCE_ROUTER}.weight"), tensors.get(f"{SEQUENCE_ROUTER}.bias")
+    if weight is None or bias is None or weight.shape[0] != len(names) + 1 or bias.shape != weight.shape[:1]:
+        raise ExpertError(f"--router: {path} holds no sequence router over its {len(names)} experts")
+    return SequenceRouter(weight.float(), bias.float(), int(args.get("top_k", 0)), names)
 
 
 def classifier_task(classifier: Expert, categories: list[str]) -> Task:
@@ -492,7 +583,7 @@ def parse_named(items: list[str], option: str = "--describe", value: str = "TEXT
 
 def check_adaptation(names: list[str], strategy: str, classifier: str | None, split: str, size: int, shots: int,
                      shot_split: str, max_new_tokens: int | None, engine: str, descriptions: dict[str, str],
-                     task_specs: dict | None = None, task_args: dict | None = None) -> None:
+                     task_specs: dict | None = None, task_args: dict | None = None, router: str | None = None) -> None:
     """One line for any argument `svf-rl adapt` cannot use, before a file is read or the model loads."""
     from svf_rl.inference.evaluate import check_engine
 
@@ -510,6 +601,13 @@ def check_adaptation(names: list[str], strategy: str, classifier: str | None, sp
         raise ValueError("--strategy classifier needs --classifier, the classifier expert file")
     if classifier and strategy != "classifier":
         raise ValueError(f"--classifier is used only by --strategy classifier, not {strategy!r}")
+    if strategy == "router" and not router:
+        raise ValueError("--strategy router needs --router, a mixture file trained with policy_args.routing=sequence")
+    if router and strategy != "router":
+        raise ValueError(f"--router is used only by --strategy router, not {strategy!r}")
+    if strategy == "router" and engine != "hf":
+        raise ValueError("--strategy router gives each prompt its own z, which only the HF engine batches; use "
+                         "--engine hf")
     check_split("--split", split)
     check_count("--size", size)
     if strategy == "few-shot":
@@ -622,7 +720,8 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
                    output=None, descriptions: dict[str, str] | None = None, overwrite: bool = True,
                    task_specs: dict[str, str] | None = None, task_args: dict[str, dict] | None = None,
                    mixing: str = "sum", save_experts: str | Path | None = None,
-                   prompts: str | Path | None = None, first_pass: str = "score", first_pass_tokens: int = 256) -> dict:
+                   prompts: str | Path | None = None, first_pass: str = "score", first_pass_tokens: int = 256,
+                   router: str | Path | None = None) -> dict:
     """`svf-rl adapt`: the experts (paths, or NAME=PATH) on a mixture of their own tasks' `split` (`size`
     problems each, from the task each expert's file records), with one strategy. few-shot searches one α
     per task on `shots` problems of `shot_split` (as the paper does), or one α for the whole mixture.
@@ -648,7 +747,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
         raise ExpertError("adaptation needs at least one expert")
     descriptions = descriptions or {}
     check_adaptation(names, strategy, classifier, split, size, shots, shot_split, max_new_tokens, engine,
-                     descriptions, task_specs or {}, task_args or {})
+                     descriptions, task_specs or {}, task_args or {}, router)
     check_mixing(mixing)
     if first_pass not in FIRST_PASSES:
         raise ValueError(f"--first-pass must be one of {', '.join(FIRST_PASSES)}, got {first_pass!r}")
@@ -659,11 +758,13 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
     if save_experts is not None and strategy != "few-shot":
         raise ValueError(f"--save-experts keeps what few-shot finds; --strategy {strategy} finds no α")
     user_rows = read_prompts(prompts) if prompts is not None else None
-    inputs = paths + ([classifier] if classifier else []) + ([prompts] if prompts else [])
+    inputs = paths + ([classifier] if classifier else []) + ([prompts] if prompts else []) + ([router] if router else [])
     loaded = [load_expert(p) for p in paths]
     classifier_expert = load_expert(classifier) if classifier else None
     check_same_base(loaded + ([classifier_expert] if classifier_expert else []),
                     names + ([str(classifier)] if classifier_expert else []))
+    first_router = (read_router(router, dict(zip(names, map(Path, paths), strict=True)), loaded[0].base_fingerprint)
+                    if router else None)
     model = base_model_for(loaded[0], paths[0], model)
     budget = max_new_tokens or answer_budget(dict(zip(names, loaded, strict=True)))
     if output is not None:
@@ -694,7 +795,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
     in_z = dict(zip(names, together[:len(names)], strict=True))
     adapter = Adapter(model_obj, tokenizer, in_z, rollouts, budget, mixing, first_pass, first_pass_tokens)
     outcome = adapter.run(strategy, items, together[-1] if classifier_expert else None, shot_items, cem,
-                          descriptions)
+                          descriptions, first_router)
     found = found_experts(outcome, in_z, mixing)
     if save_experts is not None:
         for key, (expert, weights) in found.items():
@@ -702,8 +803,9 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
             write_atomic(Path(save_experts) / f"{key}.alpha.json", json.dumps(weights, indent=1))
     if user_rows is not None:
         answers = [{**row, "route": route[1] if isinstance(route, tuple) else route, "answer": c.text,
-                    **({"alpha": outcome.alphas[route[1]].tolist()} if isinstance(route, tuple) else {})}
-                   for row, route, c in zip(user_rows, outcome.routes, outcome.completions, strict=True)]
+                    **({"alpha": outcome.alphas[route[1]].tolist()} if isinstance(route, tuple) else {}),
+                    **({"gates": outcome.gates[i]} if outcome.gates else {})}
+                   for i, (row, route, c) in enumerate(zip(user_rows, outcome.routes, outcome.completions, strict=True))]
         result = {"strategy": strategy, "n": len(answers), "mixing": mixing, "first_pass": first_pass,
                   "answers": answers,
                   "routes": {r: sum(a["route"] == r for a in answers) for r in sorted({a["route"] for a in answers})},
