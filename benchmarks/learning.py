@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--grid", action="append", default=[], help="key=v1,v2: one configuration per value")
     parser.add_argument("--out", default="benchmarks/learning", help="where runs and results go")
     parser.add_argument("--report-only", action="store_true", help="summarise the finished runs, train none")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides before and after the options
     out = Path(args.out)
     results = []
     for label, overrides in configurations(args.overrides, args.grid):

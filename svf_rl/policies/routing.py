@@ -1,4 +1,5 @@
-"""Per-token soft routing, shared by the mixture policies (mixture, hydralora, molora).
+"""Soft routing, shared by the mixture policies (mixture, hydralora, molora): per token, or per sequence (a
+mixture's `routing=sequence`, whose one router sees each sequence once: its positions are sequences).
 
 Each adapted layer has its own router, an affine map of the layer's input to one logit per option, as in MoV and
 MoLoRA: gates = softmax(R x + b). With top-k only the k largest are kept and the others set to 0, not
