@@ -42,13 +42,12 @@ class TrainConfig:
     vllm_server_urls: list = field(default_factory=lambda: ["http://localhost:8000"])  # engine=vllm_server
     vllm_server_timeout: float = 300.0  # seconds to wait for the servers to answer at start-up
     prompts_per_step: int = 8
-    generations_per_prompt: int = 8
+    generations_per_prompt: int = 4
     max_new_tokens: int = 12
     temperature: float = 1.0
     top_p: float = 1.0
-    max_sampling_rounds: int = 0  # > 1: dynamic sampling (DAPO): groups whose rewards all agree are dropped and more
-    #                               prompts rolled out, up to this many rollouts a step, until prompts_per_step differ;
-    #                               unset (0): 3 under a group baseline (rloo, grpo), else 1 (off)
+    max_sampling_rounds: int = 1  # > 1: dynamic sampling (DAPO): groups whose rewards all agree are dropped and more
+    #                               prompts rolled out, up to this many rollouts a step, until prompts_per_step differ
     seeded_rollouts: bool = False  # a seed per prompt: the same samples whatever the number of processes
     # Objective
     baseline: str = "rloo"  # none | mean | rloo | grpo
@@ -56,9 +55,9 @@ class TrainConfig:
     kl_estimator: str = "k3"  # k1 | k3 | full
     loss_aggregation: str = "token_mean"  # token_mean | sequence_mean | sequence_sum
     # Optimisation
-    steps: int = 30
-    lr: float = 0.0  # unset: the policy's own (svf 3e-3; each policy's in docs/policies.md)
-    lr_schedule: str = "cosine"  # constant | linear | cosine
+    steps: int = 45
+    lr: float = 0.0  # unset: the policy's own (svf 2e-3; each policy's in docs/policies.md)
+    lr_schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 3  # unset: 3, or the whole run when it is shorter
     optimizer: str = "adamw"  # adamw | sgd (with momentum; its step is linear in the gradient)
     momentum: float = 0.9  # optimizer=sgd only
@@ -71,7 +70,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # decoder layers keep only their inputs; recomputed in backward
     logit_chunk_tokens: int = 1024  # fp32 vocabulary rows alive at once in the update; 0 = the whole micro-batch
     # Evaluation
-    eval_every: int = 10
+    eval_every: int = 5
     eval_size: int = 100  # validation problems scored every eval_every steps to keep the best expert
     test_size: int = 200  # test problems scored for the base model and the final expert
     eval_batch_size: int = 100  # prompts per greedy generate() call in evaluation
@@ -93,8 +92,6 @@ class TrainConfig:
 
             if self.policy in POLICIES:
                 self.lr = default_lr(self.policy)
-        if self.max_sampling_rounds == 0:  # equal rewards mean zero advantage only under a group baseline
-            self.max_sampling_rounds = 3 if self.baseline in GROUP_BASELINES else 1
 
 
 CHOICES = {

@@ -104,9 +104,7 @@ def test_value_that_cannot_run_names_its_key_in_one_line(overrides, key):
 
 def test_settings_left_unset_follow_the_ones_given():
     assert load_config(None, ["steps=2"]).warmup_steps == 2  # the default's warmup, never longer than the run
-    assert load_config(None, []).max_sampling_rounds == 3  # dynamic sampling under the default's RLOO
-    assert load_config(None, ["baseline=mean"]).max_sampling_rounds == 1  # no group baseline: nothing to drop
-    assert load_config(None, ["baseline=grpo", "max_sampling_rounds=1"]).max_sampling_rounds == 1
+    assert load_config(None, []).lr == 2e-3 and load_config(None, ["policy=lora"]).lr == 5e-4  # each policy's own
 
 
 def test_edge_values_that_can_run_are_accepted():

@@ -273,6 +273,8 @@ def test_routing_statistics_are_each_options_mean_gate_and_top1_share(tmp_path):
     (["policy=mixture", "policy_args.experts=[{e0}]", "targets=attn"], "trained with targets 'mlp'"),
     (["policy=mixture", "policy_args.experts=[{e0},{other}]"], "other base weights or layers"),
     (["policy=mixture", "policy_args.experts=[{e0}]", "engine=vllm"], "vLLM engines do not run"),
+    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.routing=sequence", "engine=vllm_server"],
+     "routes each sequence by a first pass over its prompt, which vLLM engines do not run"),
     (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.balance=-0.1"], "balance must be >= 0"),
     (["policy=hydralora", "policy_args.experts=1"], "need experts >= 2"),
     (["policy=molora", "policy_args.top_k=5"], "top_k must be 0"),

@@ -142,6 +142,11 @@ class MixturePolicy(RoutedPolicy):
             model.route_rows = self.rows  # the engines' and the update's first pass (logprobs.prompt_rows)
         self.model, self.layers = model, svf_layers(model)
 
+    def routes(self, config) -> str:
+        if config.policy_args.get("routing") == "sequence":
+            return "routes each sequence by a first pass over its prompt"
+        return super().routes(config)
+
     def named_parameters(self) -> dict[str, nn.Parameter]:
         params = super().named_parameters()
         if self.router is not None:

@@ -155,9 +155,12 @@ class RoutedPolicy:
         from svf_rl.policies.base import PolicyError
 
         if config.engine != "hf":
-            raise PolicyError(f"policy {config.policy!r} routes each token inside its layers, which vLLM engines do "
-                              "not run; use engine=hf")
+            raise PolicyError(f"policy {config.policy!r} {self.routes(config)}, which vLLM engines do not run; use "
+                              f"engine=hf")
         self.targets, self.model, self.layers, self.sharded = config.targets, None, {}, False
+
+    def routes(self, config) -> str:
+        return "routes each token inside its layers"
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {f"{layer_name}.{name}": p for layer_name, layer in self.layers.items()
