@@ -6,6 +6,9 @@ First train the experts and the classifier (about 10 minutes each on 2 CPU cores
     for n in arithmetic gcd counting classifier; do svf-rl train --config launch/experts/$n.yaml; done
     python benchmarks/adaptation.py            # writes benchmarks/adaptation.json and prints the table
 
+With a sequence-routed mixture over the experts (`python benchmarks/mixtures.py --only 6`), its router is one
+more first pass (`--router`).
+
 Every row runs in this one process on the same prompts: the test split of each task (100 distinct problems
 each), greedy, 12 new tokens. Few-shot draws its shots from the validation splits.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from svf_rl.engines.hf import HFEngine
-from svf_rl.inference.adapt import BASE, CEM, Adapter, expert_name, mixture, shot_sets
+from svf_rl.inference.adapt import BASE, CEM, Adapter, expert_name, mixture, read_router, shot_sets
 from svf_rl.inference.evaluate import experts_on_model, load_model
 from svf_rl.inference.expert import load_expert
 from svf_rl.run_files import write_atomic
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=12)
     parser.add_argument("--elite-fraction", type=float, default=0.25)
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--router", default="benchmarks/mixtures/config_6/seed_0/mixture.safetensors",
+                        help="a sequence-routed mixture over the experts (benchmarks/mixtures.py --only 6)")
     parser.add_argument("--only", nargs="+", help="run only these strategies or rows (e.g. few-shot, mixture)")
     parser.add_argument("--output", default="benchmarks/adaptation.json")
     args = parser.parse_args()
@@ -77,6 +82,10 @@ def main() -> None:
              {"shots": per_task_shots, "cem": cem}, {}),
             ("few-shot CEM, α per task (given each prompt's true task), anchored", "few-shot",
              {"shots": per_task_shots, "cem": cem}, anchored)]
+    if Path(args.router).is_file():  # a learned first pass: the mixture's sequence router, trained by RL
+        router = read_router(args.router, dict(zip(names, map(Path, args.experts), strict=True)),
+                             loaded[0].base_fingerprint)
+        runs.append(("sequence router, trained by RL (a mixture's first pass)", "router", {"router": router}, {}))
     results = []
     chosen = [r for r in runs if not args.only or any(o == r[1] or o in r[0] for o in args.only)]
     for label, strategy, kwargs, settings in chosen:
