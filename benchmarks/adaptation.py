@@ -54,17 +54,18 @@ def main() -> None:
 
     names = [expert_name(p) for p in args.experts]
     loaded = [load_expert(p) for p in args.experts]
-    classifier = load_expert(args.classifier)
+    classifier = load_expert(args.classifier) if Path(args.classifier).is_file() else None  # its rows need it
     tasks = {n: load_task(e.config["task"], e.config.get("task_args", {})) for n, e in zip(names, loaded, strict=True)}
     items = mixture(tasks, "test", args.size, 0)
     per_task_shots = shot_sets(tasks, "validation", args.shots, 1, one_for_mixture=False)
     mixture_shots = shot_sets(tasks, "validation", args.shots, 1, one_for_mixture=True)
 
     model, tokenizer = load_model(loaded[0].base_model, "auto")
-    resolved = experts_on_model(model, loaded + [classifier], names + ["classifier"])
+    resolved = experts_on_model(model, loaded + ([classifier] if classifier else []),
+                                names + (["classifier"] if classifier else []))
     budget = max(int(e.config.get("max_new_tokens", 64)) for e in loaded)
-    adapter = Adapter(model, tokenizer, dict(zip(names, resolved[:-1], strict=True)), HFEngine(model, tokenizer),
-                      budget)
+    adapter = Adapter(model, tokenizer, dict(zip(names, resolved[:len(names)], strict=True)),
+                      HFEngine(model, tokenizer), budget)
     cem = CEM(args.population, args.elite_fraction, args.iterations)
     score, generate, anchored = {"first_pass": "score"}, {"first_pass": "generate"}, {"mixing": "anchored"}
     # (row, strategy, run()'s arguments, Adapter settings)
@@ -73,8 +74,9 @@ def main() -> None:
             ("oracle routing, every expert in one batch", "oracle", {}, {"mixed_batches": True}),
             ("prompt, labels scored", "prompt", {"descriptions": DESCRIPTIONS}, score),
             ("prompt, generated", "prompt", {"descriptions": DESCRIPTIONS}, generate),
-            ("classifier expert, labels scored", "classifier", {"classifier": resolved[-1]}, score),
-            ("classifier expert, generated", "classifier", {"classifier": resolved[-1]}, generate),
+            *([("classifier expert, labels scored", "classifier", {"classifier": resolved[-1]}, score),
+               ("classifier expert, generated", "classifier", {"classifier": resolved[-1]}, generate)]
+              if classifier else []),
             ("few-shot CEM, one α for the mixture", "few-shot", {"shots": mixture_shots, "cem": cem}, {}),
             ("few-shot CEM, one α for the mixture, anchored", "few-shot", {"shots": mixture_shots, "cem": cem},
              anchored),
