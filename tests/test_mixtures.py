@@ -94,7 +94,7 @@ def test_the_router_gradient_is_the_per_token_mixtures(tmp_path):
 def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_gradient_is_the_written_out_ones(
         tmp_path):
     """routing=sequence: row i runs at z_i = 1 + Σₖ gₖ(p_i)(zₖ − 1), gates from the base model's final hidden
-    states averaged over prompt i's tokens (left padding ignored), the same for the prompt and its completion;
+    states averaged over prompt i's tokens (left padding ignored) at unit length, the same for the prompt and its completion;
     ∂L/∂R is autograd's through each row's own SVF model at z_i(R)."""
     from torch.func import functional_call
 
@@ -121,6 +121,7 @@ def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_grad
     for prompt, answer in zip(prompts, answers):
         with torch.no_grad():
             pooled = base(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0].mean(0)
+            pooled = pooled / pooled.norm()  # at unit length
         gates = F.linear(pooled, policy.router.weight, policy.router.bias).softmax(-1)
         gate_rows.append(gates.detach())
         z = {f"{n}.z": 1 + sum(gates[k + 1] * (e[n] - 1) for k, e in enumerate(experts)) for n in experts[0]}

@@ -26,6 +26,7 @@ from svf_rl.engines.hf import Sampling, chat_ids, generate_per_z, left_pad
 from svf_rl.inference.expert import Expert, ExpertError
 from svf_rl.inputs import check_count, check_output, check_split
 from svf_rl.loop.logprobs import completion_logprobs, make_token_batch, shares_prefix
+from svf_rl.policies.mixture import prompt_feature
 from svf_rl.policies.svf_layer import load_z, reference_mode, z_vectors
 from svf_rl.rewards import first_label
 from svf_rl.run_files import wilson_interval
@@ -214,7 +215,7 @@ class Adapter:
     @torch.no_grad()
     def route_by_router(self, items: list[Item], router: SequenceRouter) -> tuple[list, list, PassCost]:
         """A trained sequence router (a mixture's first pass) gives each prompt its gates from the base model's
-        final hidden states, averaged over the prompt: (per prompt its z, its gates, the cost)."""
+        final hidden states, averaged over the prompt (prompt_feature): (per prompt its z, its gates, the cost)."""
         prompts = self._prompts(items)
         cost, started, gates = PassCost(), time.perf_counter(), []
         device = next(self.model.parameters()).device
@@ -223,9 +224,8 @@ class Adapter:
                 ids, mask = left_pad(prompts[start:start + 32], self.tokenizer.pad_token_id)
                 ids, mask = ids.to(device), mask.to(device)
                 hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                    output_hidden_states=True, logits_to_keep=1).hidden_states[-1].float()
-                weights = mask[..., None].float()
-                gates += router.gates((hidden * weights).sum(1) / weights.sum(1)).cpu().tolist()
+                                    output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                gates += router.gates(prompt_feature(hidden, mask)).cpu().tolist()
         cost.tokens += sum(map(len, prompts))
         cost.seconds += time.perf_counter() - started
         order = [self.experts_index[name] for name in router.names]

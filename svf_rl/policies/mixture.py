@@ -5,7 +5,7 @@ base model (g₀, which adds nothing) and the K experts. `routing=token`: a rout
 token its gates from the layer's input (MoV's per-token soft routing, here over singular-value scales).
 `routing=sequence`: one router gives each completion its gates from its prompt alone, once (a learned
 Transformer² first pass): the base model reads the prompt, the router maps the mean of its final hidden states
-to gates, and every layer runs the whole sequence at that z. The layer runs factored, U((s ⊙ z) ⊙ Vᵀx), which
+(at unit length) to gates, and every layer runs the whole sequence at that z. The layer runs factored, U((s ⊙ z) ⊙ Vᵀx), which
 costs (in + out)·r per token. π_ref is the base model (z = 1).
 """
 
@@ -156,8 +156,8 @@ class MixturePolicy(RoutedPolicy):
     @contextlib.contextmanager
     def rows(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
         """Forwards inside run `repeats` sequences of each prompt (`ids`, `mask`: left-padded), each at its gates:
-        the router on the mean of the base model's final hidden states over the prompt's tokens, once per
-        sequence (its statistics and balance term count sequences)."""
+        the router on the mean of the base model's final hidden states over the prompt's tokens (prompt_feature),
+        once per sequence (its statistics and balance term count sequences)."""
         if any(layer.use_reference for layer in self.layers.values()):  # π_ref's forwards: no routing
             yield
             return
@@ -165,9 +165,7 @@ class MixturePolicy(RoutedPolicy):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                                 output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        weights = mask[..., None].float()
-        pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
-        gates = self.router(pooled.repeat_interleave(repeats, 0))
+        gates = self.router(prompt_feature(hidden, mask).repeat_interleave(repeats, 0))
         for layer in self.layers.values():
             layer.row_gates = gates
         try:
@@ -215,6 +213,14 @@ class MixturePolicy(RoutedPolicy):
         trainable = routers + (k * ranks if self.args.train_experts else 0)
         frozen = factors * b + (0 if self.args.train_experts else k * ranks * 4)
         return {"trainable": trainable, "frozen_bytes": frozen, "rank": max(min(o, i) for _, o, i in targets)}
+
+
+def prompt_feature(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What a sequence router reads: the mean of the final hidden states over the prompt's tokens, scaled to unit
+    length, so that an Adam step of lr moves a gate logit by at most lr·√d whatever the model's hidden scale
+    (unnormalised, one step at 1e-2 moved SmolLM2's logits by several units: the router collapsed in 10 steps)."""
+    weights = mask[..., None].float()
+    return F.normalize((hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1), dim=-1)
 
 
 def rows_of(gates: torch.Tensor, rows: int) -> torch.Tensor:
