@@ -148,10 +148,11 @@ class MixturePolicy(RoutedPolicy):
         return super().routes(config)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
-        params = super().named_parameters()
-        if self.router is not None:
-            params.update({f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()})
-        return params
+        return {**super().named_parameters(), **self.sequence_router()}
+
+    def sequence_router(self) -> dict[str, nn.Parameter]:
+        """routing=sequence: the router's tensors by name (none for token routing)."""
+        return {} if self.router is None else {f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()}
 
     @contextlib.contextmanager
     def rows(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
@@ -189,14 +190,12 @@ class MixturePolicy(RoutedPolicy):
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """Every router, and every expert's z (trained or not): the file alone rebuilds the mixture."""
         tensors = {f"{name}.{part}": tensor for name, layer in self.layers.items() for part, tensor in saved_parts(layer)}
-        if self.router is not None:
-            tensors.update({f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()})
+        tensors.update(self.sequence_router())
         return {name: tensor.detach().float().cpu().clone() for name, tensor in tensors.items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
         mine = {f"{name}.{part}": tensor for name, layer in self.layers.items() for part, tensor in saved_parts(layer)}
-        if self.router is not None:
-            mine.update({f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()})
+        mine.update(self.sequence_router())
         with torch.no_grad():
             for key, tensor in mine.items():
                 if key not in tensors or tensors[key].shape != tensor.shape:
