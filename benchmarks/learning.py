@@ -138,7 +138,8 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {result['label']} | {r['seed']} | {100 * r['base']:.1f}% | {base_64} | "
                          f"{100 * r['test']:.1f}% | {pct(r['gain'])} | {r['steps']} | {step_s} | "
                          f"{r['wall_s'] / 60:.1f} min | {r['peak_rss_mib']} | {r['trainable_parameters'] or '-'} |")
-    lines += ["", "| configuration | seeds | best validation (mean) | mean gain | min gain | 95% interval of the mean | "
+    lines += ["", "| configuration | seeds | best validation (mean) | mean gain | min gain | "
+              "95% interval of the mean | "
               "mean wall | max wall |", "|---|---:|---:|---:|---:|---|---:|---:|"]
     for result in results:
         s = result["summary"]

@@ -37,7 +37,8 @@ def row(out: Path, key: str, label: str) -> str | None:
     half = t95(len(gains) - 1) * statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else math.nan
     interval = "-" if math.isnan(half) else f"[{mean - half:+.1f}, {mean + half:+.1f}]"
     per_seed = " / ".join(f"{g:+.1f}" for g in gains)
-    return (f"| {label} | {rates} | {best['label'].split('=')[1]} | {len(runs)} | **{mean:+.1f}** | {min(gains):+.1f} | "
+    chosen = best["label"].split("=")[1]
+    return (f"| {label} | {rates} | {chosen} | {len(runs)} | **{mean:+.1f}** | {min(gains):+.1f} | "
             f"{interval} | {per_seed} | {runs[0]['trainable_parameters']:,} | "
             f"{statistics.mean(r['steps'] for r in runs):.0f} | {statistics.mean(r['step_s'] for r in runs):.1f} | "
             f"{max(r['peak_rss_mib'] for r in runs):,} |")
@@ -45,8 +46,8 @@ def row(out: Path, key: str, label: str) -> str | None:
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/learning")
-    print("| policy | lr swept (best validation, seed 0) | chosen | seeds | mean gain | min | 95% interval | per seed | "
-          "trainable | steps | step s | peak MiB |")
+    print("| policy | lr swept (best validation, seed 0) | chosen | seeds | mean gain | min | 95% interval | "
+          "per seed | trainable | steps | step s | peak MiB |")
     print("|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
     for key, label in POLICIES.items():
         line = row(out, key, label)

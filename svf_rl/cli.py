@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     mix.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     adapt = commands.add_parser("adapt", help="Transformer² two-pass inference over experts, on their tasks' mixture")
     adapt.add_argument("experts", nargs="+", help="expert files, or NAME=PATH (default name: the run directory)")
-    adapt.add_argument("--strategy", required=True, help="prompt | classifier | few-shot | router | oracle | base | a name")
+    adapt.add_argument("--strategy", required=True,
+                       help="prompt | classifier | few-shot | router | oracle | base | a name")
     adapt.add_argument("--classifier", help="classifier expert (strategy classifier)")
     adapt.add_argument("--router", help="strategy router: a mixture file trained with policy_args.routing=sequence "
                                         "over these experts; its router is the first pass")

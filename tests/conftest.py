@@ -47,3 +47,22 @@ def sharp_model_dir(tmp_path_factory, smollm2_path) -> str:
     """The tiny Llama with larger weights: its greedy answers depend on the prompt and on z (the default
     initialisation answers every prompt with the same token)."""
     return save_tiny_model(tmp_path_factory, smollm2_path, initializer_range=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_experts(tiny_model_dir, tmp_path_factory):
+    """Two expert files for the tiny model's MLPs, each z a different random scale (for mixtures)."""
+    from transformers import AutoModelForCausalLM
+
+    from svf_rl.inference.expert import Expert, save_expert
+    from svf_rl.policies.svf_layer import apply_svf, svf_layers
+    from svf_rl.svd import model_fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, "mlp", progress=False)
+    generator = torch.Generator().manual_seed(5)
+    folder = tmp_path_factory.mktemp("experts")
+    return [str(save_expert(Expert({n: 1 + 0.5 * torch.randn(layer.z.shape, generator=generator)
+                                    for n, layer in svf_layers(model).items()}, tiny_model_dir, fingerprint, "mlp",
+                                   f"t{k}"), folder / f"t{k}.safetensors")) for k in range(2)]

@@ -104,7 +104,6 @@ def test_value_that_cannot_run_names_its_key_in_one_line(overrides, key):
 
 def test_settings_left_unset_follow_the_ones_given():
     assert load_config(None, ["steps=2"]).warmup_steps == 2  # the default's warmup, never longer than the run
-    assert load_config(None, []).lr == 2e-3 and load_config(None, ["policy=lora"]).lr == 5e-4  # each policy's own
 
 
 def test_edge_values_that_can_run_are_accepted():

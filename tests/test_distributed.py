@@ -17,7 +17,6 @@ from svf_rl.inference.expert import load_expert
 from svf_rl.inference.export import export_checkpoint
 from svf_rl.loop.train import train
 from tests.same_z import EQUALITY, assert_same_z
-from tests.test_mixtures import tiny_experts  # noqa: F401 (a fixture)
 from tests.test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -94,8 +94,8 @@ def test_the_router_gradient_is_the_per_token_mixtures(tmp_path):
 def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_gradient_is_the_written_out_ones(
         tmp_path):
     """routing=sequence: row i runs at z_i = 1 + Σₖ gₖ(p_i)(zₖ − 1), gates from the base model's final hidden
-    states averaged over prompt i's tokens (left padding ignored) at unit length, the same for the prompt and its completion;
-    ∂L/∂R is autograd's through each row's own SVF model at z_i(R)."""
+    states averaged over prompt i's tokens (left padding ignored) at unit length, the same for the prompt and its
+    completion; ∂L/∂R is autograd's through each row's own SVF model at z_i(R)."""
     from torch.func import functional_call
 
     from svf_rl.engines.hf import left_pad, prompt_rows
@@ -109,7 +109,7 @@ def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_grad
         policy.router.weight.normal_(0, 3.0)
     prompts, answers = [[3, 9, 27, 11], [4, 8, 15, 16, 23, 42]], [[5, 6, 7], [1, 2, 3]]
     ids, mask = left_pad(prompts, 0)
-    full, full_mask = left_pad([p + a for p, a in zip(prompts, answers)], 0)
+    full, full_mask = left_pad([p + a for p, a in zip(prompts, answers, strict=True)], 0)
     with prompt_rows(model, ids, mask):
         logits = model(input_ids=full, attention_mask=full_mask,
                        position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
@@ -118,7 +118,7 @@ def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_grad
 
     base, svf = tiny_llama(), svf_model_at({n: torch.ones_like(v) for n, v in experts[0].items()})
     loss, gate_rows = 0, []
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(prompts, answers, strict=True):
         with torch.no_grad():
             pooled = base(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0].mean(0)
             pooled = pooled / pooled.norm()  # at unit length
@@ -288,20 +288,6 @@ def test_bad_routed_policy_settings_fail_in_one_line_before_anything_loads(tmp_p
     assert "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def tiny_experts(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    fingerprint = model_fingerprint(model)
-    apply_svf(model, "mlp", progress=False)
-    generator = torch.Generator().manual_seed(5)
-    folder = tmp_path_factory.mktemp("experts")
-    return [str(save_expert(Expert({n: 1 + 0.5 * torch.randn(layer.z.shape, generator=generator)
-                                    for n, layer in svf_layers(model).items()}, tiny_model_dir, fingerprint, "mlp",
-                                   f"t{k}"), folder / f"t{k}.safetensors")) for k in range(2)]
-
-
 ROUTED = {"mixture": {"balance": 0.1, "top_k": 2}, "hydralora": {"experts": 3, "rank": 2, "balance": 0.1},
           "molora": {"experts": 2, "rank": 2}, "mixture-sequence": {"routing": "sequence", "balance": 0.1}}
 
@@ -350,7 +336,8 @@ def test_a_routed_policy_trains_through_the_loop_and_its_file_loads_and_resumes(
     resumed, _ = read_routed(train(routed_config(name, tiny_model_dir, tmp_path / "split", tiny_experts, steps=4,
                                                  save_every=2, eval_every=2, **EQUALITY)))
     whole, info = read_routed(artefact)
-    assert info["policy"] == name.partition("-")[0] and info["labels"] == policy.labels and "test_accuracy" in info["scores"]
+    assert info["policy"] == name.partition("-")[0] and info["labels"] == policy.labels
+    assert "test_accuracy" in info["scores"]
     for key in whole:
         assert torch.allclose(whole[key], resumed[key], rtol=0, atol=1e-6), key
     # `svf-rl eval` scores the file as training's test did (the mixture's experts come from the file itself)

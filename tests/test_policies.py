@@ -122,7 +122,7 @@ def test_bad_policy_settings_fail_in_one_line_before_anything_loads(bad, message
 def test_each_policy_has_its_own_default_learning_rate():
     from svf_rl.config import load_config
 
-    assert load_config(None, []).lr == 3e-3  # svf's, chosen for the embedded default
+    assert load_config(None, []).lr == 2e-3  # svf's, chosen for the embedded default
     assert load_config(None, ["policy=lora"]).lr == DEFAULT_LR["lora"]
     assert load_config(None, ["policy=lora", "lr=1e-3"]).lr == 1e-3
 

@@ -213,7 +213,7 @@ class HFEngine:
                                    **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
         ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         shared = {}
-        with prompt_rows(self.model, ids, mask, sampling.n):  # a model that routes each sequence by its prompt reads them here
+        with prompt_rows(self.model, ids, mask, sampling.n):  # a model routing each sequence by its prompt reads it
             if share_prompts and sampling.n > 1 and ids.shape[1] > 1:  # each prompt's keys and values once, for n
                 shared["past_key_values"] = self._prefill(ids[:, :-1], mask[:, :-1], sampling.n)
                 ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)

@@ -758,7 +758,7 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
     if save_experts is not None and strategy != "few-shot":
         raise ValueError(f"--save-experts keeps what few-shot finds; --strategy {strategy} finds no α")
     user_rows = read_prompts(prompts) if prompts is not None else None
-    inputs = paths + ([classifier] if classifier else []) + ([prompts] if prompts else []) + ([router] if router else [])
+    inputs = paths + [path for path in (classifier, prompts, router) if path]
     loaded = [load_expert(p) for p in paths]
     classifier_expert = load_expert(classifier) if classifier else None
     check_same_base(loaded + ([classifier_expert] if classifier_expert else []),
@@ -805,7 +805,8 @@ def run_adaptation(experts: list[str], strategy: str, model: str | None = None, 
         answers = [{**row, "route": route[1] if isinstance(route, tuple) else route, "answer": c.text,
                     **({"alpha": outcome.alphas[route[1]].tolist()} if isinstance(route, tuple) else {}),
                     **({"gates": outcome.gates[i]} if outcome.gates else {})}
-                   for i, (row, route, c) in enumerate(zip(user_rows, outcome.routes, outcome.completions, strict=True))]
+                   for i, (row, route, c) in enumerate(zip(user_rows, outcome.routes, outcome.completions,
+                                                           strict=True))]
         result = {"strategy": strategy, "n": len(answers), "mixing": mixing, "first_pass": first_pass,
                   "answers": answers,
                   "routes": {r: sum(a["route"] == r for a in answers) for r in sorted({a["route"] for a in answers})},

@@ -5,8 +5,8 @@ base model (g₀, which adds nothing) and the K experts. `routing=token`: a rout
 token its gates from the layer's input (MoV's per-token soft routing, here over singular-value scales).
 `routing=sequence`: one router gives each completion its gates from its prompt alone, once (a learned
 Transformer² first pass): the base model reads the prompt, the router maps the mean of its final hidden states
-(at unit length) to gates, and every layer runs the whole sequence at that z. The layer runs factored, U((s ⊙ z) ⊙ Vᵀx), which
-costs (in + out)·r per token. π_ref is the base model (z = 1).
+(at unit length) to gates, and every layer runs the whole sequence at that z. The layer runs factored,
+U((s ⊙ z) ⊙ Vᵀx), which costs (in + out)·r per token. π_ref is the base model (z = 1).
 """
 
 from __future__ import annotations
@@ -189,7 +189,8 @@ class MixturePolicy(RoutedPolicy):
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """Every router, and every expert's z (trained or not): the file alone rebuilds the mixture."""
-        tensors = {f"{name}.{part}": tensor for name, layer in self.layers.items() for part, tensor in saved_parts(layer)}
+        tensors = {f"{name}.{part}": tensor for name, layer in self.layers.items()
+                   for part, tensor in saved_parts(layer)}
         tensors.update(self.sequence_router())
         return {name: tensor.detach().float().cpu().clone() for name, tensor in tensors.items()}
 
@@ -238,8 +239,9 @@ SEQUENCE_ROUTER = "sequence_router"  # routing=sequence: the router's module nam
 
 
 def saved_parts(layer: MixtureLinear) -> list[tuple[str, torch.Tensor]]:
-    routers = [] if layer.router is None else [("router.weight", layer.router.weight), ("router.bias", layer.router.bias)]
-    return [*routers, ("experts", layer.experts)]
+    router = [] if layer.router is None else [("router.weight", layer.router.weight),
+                                              ("router.bias", layer.router.bias)]
+    return [*router, ("experts", layer.experts)]
 
 
 def read_experts(paths: list[str], targets: str) -> list:
