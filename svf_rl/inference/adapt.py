@@ -26,7 +26,8 @@ from svf_rl.engines.hf import Sampling, chat_ids, generate_per_z, left_pad
 from svf_rl.inference.expert import Expert, ExpertError
 from svf_rl.inputs import check_count, check_output, check_split
 from svf_rl.loop.logprobs import completion_logprobs, make_token_batch, shares_prefix
-from svf_rl.policies.mixture import prompt_feature
+from svf_rl.policies.mixture import prompt_features
+from svf_rl.policies.routing import Router
 from svf_rl.policies.svf_layer import load_z, reference_mode, z_vectors
 from svf_rl.rewards import first_label
 from svf_rl.run_files import wilson_interval
@@ -219,13 +220,10 @@ class Adapter:
         prompts = self._prompts(items)
         cost, started, gates = PassCost(), time.perf_counter(), []
         device = next(self.model.parameters()).device
-        with reference_mode(self.model):
-            for start in range(0, len(prompts), 32):
-                ids, mask = left_pad(prompts[start:start + 32], self.tokenizer.pad_token_id)
-                ids, mask = ids.to(device), mask.to(device)
-                hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                    output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-                gates += router.gates(prompt_feature(hidden, mask)).cpu().tolist()
+        router.router.to(device)
+        for start in range(0, len(prompts), 32):
+            ids, mask = left_pad(prompts[start:start + 32], self.tokenizer.pad_token_id)
+            gates += router.router(prompt_features(self.model, ids.to(device), mask.to(device))).cpu().tolist()
         cost.tokens += sum(map(len, prompts))
         cost.seconds += time.perf_counter() - started
         order = [self.experts_index[name] for name in router.names]
@@ -428,20 +426,11 @@ class Adapter:
 
 @dataclass
 class SequenceRouter:
-    """A trained mixture's sequence router, as a first pass over these experts: gates = softmax(W h + b) (top-k
-    kept, not renormalised, as in training); `names`: the experts of its options 1.., by their names here."""
+    """A trained mixture's sequence router, as a first pass over these experts (the mixture's own Router, with its
+    top-k); `names`: the experts of its options 1.., by their names here."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor
-    top_k: int
+    router: Router
     names: list[str]
-
-    def gates(self, hidden: torch.Tensor) -> torch.Tensor:
-        probs = torch.nn.functional.linear(hidden.float(), self.weight.to(hidden.device),
-                                           self.bias.to(hidden.device)).softmax(-1)
-        if 0 < self.top_k < probs.shape[-1]:
-            probs = probs * torch.zeros_like(probs).scatter_(-1, probs.topk(self.top_k, -1).indices, 1.0)
-        return probs
 
 
 def read_router(path: str | Path, experts: dict[str, Path], fingerprint: str) -> SequenceRouter:
@@ -472,7 +461,9 @@ def read_router(path: str | Path, experts: dict[str, Path], fingerprint: str) ->
     weight, bias = tensors.get(f"{SEQUENCE_ROUTER}.weight"), tensors.get(f"{SEQUENCE_ROUTER}.bias")
     if weight is None or bias is None or weight.shape[0] != len(names) + 1 or bias.shape != weight.shape[:1]:
         raise ExpertError(f"--router: {path} holds no sequence router over its {len(names)} experts")
-    return SequenceRouter(weight.float(), bias.float(), int(args.get("top_k", 0)), names)
+    router = Router(weight.shape[1], weight.shape[0], int(args.get("top_k", 0)))
+    router.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+    return SequenceRouter(router.requires_grad_(False), names)
 
 
 def classifier_task(classifier: Expert, categories: list[str]) -> Task:

@@ -162,11 +162,7 @@ class MixturePolicy(RoutedPolicy):
         if any(layer.use_reference for layer in self.layers.values()):  # π_ref's forwards: no routing
             yield
             return
-        with torch.no_grad(), reference_mode(self.model):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                                output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        gates = self.router(prompt_feature(hidden, mask).repeat_interleave(repeats, 0))
+        gates = self.router(prompt_features(self.model, ids, mask).repeat_interleave(repeats, 0))
         for layer in self.layers.values():
             layer.row_gates = gates
         try:
@@ -213,6 +209,15 @@ class MixturePolicy(RoutedPolicy):
         trainable = routers + (k * ranks if self.args.train_experts else 0)
         frozen = factors * b + (0 if self.args.train_experts else k * ranks * 4)
         return {"trainable": trainable, "frozen_bytes": frozen, "rank": max(min(o, i) for _, o, i in targets)}
+
+
+@torch.no_grad()
+def prompt_features(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence router's first pass: the base model (z = 1) over left-padded prompts, read by prompt_feature."""
+    with reference_mode(model):
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return prompt_feature(hidden, mask)
 
 
 def prompt_feature(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
