@@ -143,8 +143,9 @@ def train(config: TrainConfig) -> Path:
     failures = {"bad_steps": 0, "failing_rewards": 0}
     with bar:
         job = bar.add_task("", total=config.steps, completed=state.step)
-        budget = 60 * config.max_train_minutes or math.inf
-        while state.step < config.steps and state.train_seconds < budget:  # (a resumed run may have used it)
+        # A resumed run may have used its budget (every rank read the same count); later, `last` decides for all.
+        used = bool(config.max_train_minutes) and state.train_seconds >= 60 * config.max_train_minutes
+        while state.step < config.steps and not used:
             step, started = state.step + 1, time.perf_counter()
             rows, conversations = sample_prompts(run, step)  # 1. this rank's share of the step's prompts
             completions, rollout_time = roll_out(run, conversations, step)  # 2. G completions each
