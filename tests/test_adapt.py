@@ -1,6 +1,7 @@
 """Transformer² adaptation: per-group z in the engines, the three first passes, and the second pass."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from svf_rl.inference.adapt import (
     expert_name,
     mixture,
     named_category,
+    read_router,
     split_expert_arg,
 )
 from svf_rl.inference.evaluate import experts_on_model
@@ -424,7 +426,8 @@ def test_adapt_answers_your_own_prompts_and_keeps_the_alpha_it_finds(sharp_model
 
 
 def sequence_mixture(model_dir, experts, path, seed=0):
-    """A mixture file with a sequence router over `experts` (random, so that prompts are routed apart)."""
+    """A mixture file with a sequence router over `experts` (random, so that prompts are routed apart, and a
+    random centre, which the file must carry)."""
     from svf_rl.config import load_config
     from svf_rl.policies import make_policy
 
@@ -437,6 +440,7 @@ def sequence_mixture(model_dir, experts, path, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
         policy.router.weight.normal_(0, 2.0)
+        policy.router.centre.normal_(0, 1.0)
     return policy.save(path, {"model": model_dir, "fingerprint": fingerprint, "task": "mixed", "config": {}}, {})
 
 
@@ -455,6 +459,8 @@ def test_the_router_strategy_answers_as_the_trained_sequence_mixture_does(sharp_
     assert all(sum(g) == pytest.approx(1.0) for g in result["mean_gates"].values())
     # Its first pass and second are the mixture's own: the file's routed model, greedy, on the same prompts
     model, tokenizer = routed_model(mix, sharp_model_dir)
+    first = read_router(mix, {"arith": Path(a), "gcd": Path(b)}, load_expert(a).base_fingerprint).router
+    assert first.centre.any() and torch.equal(first.centre, model.sequence_router.centre)
     items = mixture({"arith": load_task("arithmetic", {}), "gcd": load_task(*GCD)}, "test", 3, 0)
     prompts = [chat_ids(tokenizer, item.task.prompt(item.row)) for item in items]
     want = HFEngine(model, tokenizer).generate(prompts, Sampling(1, 0.0, 1.0, result["max_new_tokens"]))

@@ -34,12 +34,12 @@ def expert_files(tmp_path, count=2, targets="mlp", seed=0, model=None):
     return paths
 
 
-def mixture(paths, **args):
+def mixture(paths, prompts=(), **args):
     overrides = ["policy=mixture", "targets=mlp", "progress=false", f"policy_args.experts=[{','.join(paths)}]"]
     config = load_config(None, overrides + [f"policy_args.{k}={v}" for k, v in args.items()])
     model = tiny_llama()
     policy = make_policy(config)
-    policy.attach(model)
+    policy.attach(model, prompts)
     return model, policy
 
 
@@ -94,8 +94,9 @@ def test_the_router_gradient_is_the_per_token_mixtures(tmp_path):
 def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_gradient_is_the_written_out_ones(
         tmp_path):
     """routing=sequence: row i runs at z_i = 1 + Σₖ gₖ(p_i)(zₖ − 1), gates from the base model's final hidden
-    states averaged over prompt i's tokens (left padding ignored) at unit length, the same for the prompt and its
-    completion; ∂L/∂R is autograd's through each row's own SVF model at z_i(R)."""
+    states averaged over prompt i's tokens (left padding ignored), less their mean over the calibration prompts
+    (set on first use), at unit length; the same for the prompt and its completion; ∂L/∂R is autograd's through
+    each row's own SVF model at z_i(R)."""
     from torch.func import functional_call
 
     from svf_rl.engines.hf import left_pad, prompt_rows
@@ -103,13 +104,15 @@ def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_grad
 
     paths = expert_files(tmp_path)
     experts = [load_expert(p).vectors for p in paths]
-    model, policy = mixture(paths, routing="sequence")
+    calibration = [[7, 1, 2], [30, 31, 32, 33, 34], [5]]
+    model, policy = mixture(paths, calibration, routing="sequence")
     torch.manual_seed(0)
     with torch.no_grad():
         policy.router.weight.normal_(0, 3.0)
     prompts, answers = [[3, 9, 27, 11], [4, 8, 15, 16, 23, 42]], [[5, 6, 7], [1, 2, 3]]
     ids, mask = left_pad(prompts, 0)
     full, full_mask = left_pad([p + a for p, a in zip(prompts, answers, strict=True)], 0)
+    assert not policy.router.centre.any()
     with prompt_rows(model, ids, mask):
         logits = model(input_ids=full, attention_mask=full_mask,
                        position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
@@ -117,10 +120,15 @@ def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_grad
     got = policy.router.weight.grad.clone()
 
     base, svf = tiny_llama(), svf_model_at({n: torch.ones_like(v) for n, v in experts[0].items()})
+    with torch.no_grad():
+        def pool(prompt):
+            return base(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0].mean(0)
+        centre = torch.stack([pool(p) for p in calibration]).mean(0)
+    assert torch.allclose(policy.router.centre, centre, atol=1e-5)  # set by the first pass, from the calibration
     loss, gate_rows = 0, []
     for prompt, answer in zip(prompts, answers, strict=True):
         with torch.no_grad():
-            pooled = base(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0].mean(0)
+            pooled = pool(prompt) - centre
             pooled = pooled / pooled.norm()  # at unit length
         gates = F.linear(pooled, policy.router.weight, policy.router.bias).softmax(-1)
         gate_rows.append(gates.detach())
@@ -131,7 +139,7 @@ def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_grad
         loss = loss + (out ** 2).sum()
     assert (gate_rows[0] - gate_rows[1]).abs().max() > 0.05  # the prompts are routed differently
     want, = torch.autograd.grad(loss, policy.router.weight)
-    assert torch.allclose(got, want, rtol=1e-3, atol=1e-6) and want.abs().max() > 1e-4
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-6) and want.abs().max() > 1e-5
     with pytest.raises(RuntimeError, match="without its prompts' first pass"):
         model(full)
     with torch.no_grad(), policy.reference():  # π_ref needs no first pass
@@ -340,6 +348,7 @@ def test_a_routed_policy_trains_through_the_loop_and_its_file_loads_and_resumes(
     assert "test_accuracy" in info["scores"]
     for key in whole:
         assert torch.allclose(whole[key], resumed[key], rtol=0, atol=1e-6), key
+    assert "sequence_router.centre" not in whole or whole["sequence_router.centre"].any()  # set, and kept
     # `svf-rl eval` scores the file as training's test did (the mixture's experts come from the file itself)
     import json
 

@@ -26,8 +26,7 @@ from svf_rl.engines.hf import Sampling, chat_ids, generate_per_z, left_pad
 from svf_rl.inference.expert import Expert, ExpertError
 from svf_rl.inputs import check_count, check_output, check_split
 from svf_rl.loop.logprobs import completion_logprobs, make_token_batch, shares_prefix
-from svf_rl.policies.mixture import prompt_features
-from svf_rl.policies.routing import Router
+from svf_rl.policies.mixture import PromptRouter, prompt_features
 from svf_rl.policies.svf_layer import load_z, reference_mode, z_vectors
 from svf_rl.rewards import first_label
 from svf_rl.run_files import wilson_interval
@@ -216,7 +215,7 @@ class Adapter:
     @torch.no_grad()
     def route_by_router(self, items: list[Item], router: SequenceRouter) -> tuple[list, list, PassCost]:
         """A trained sequence router (a mixture's first pass) gives each prompt its gates from the base model's
-        final hidden states, averaged over the prompt (prompt_feature): (per prompt its z, its gates, the cost)."""
+        final hidden states, averaged over the prompt (PromptRouter): (per prompt its z, its gates, the cost)."""
         prompts = self._prompts(items)
         cost, started, gates = PassCost(), time.perf_counter(), []
         device = next(self.model.parameters()).device
@@ -429,7 +428,7 @@ class SequenceRouter:
     """A trained mixture's sequence router, as a first pass over these experts (the mixture's own Router, with its
     top-k); `names`: the experts of its options 1.., by their names here."""
 
-    router: Router
+    router: PromptRouter
     names: list[str]
 
 
@@ -461,8 +460,9 @@ def read_router(path: str | Path, experts: dict[str, Path], fingerprint: str) ->
     weight, bias = tensors.get(f"{SEQUENCE_ROUTER}.weight"), tensors.get(f"{SEQUENCE_ROUTER}.bias")
     if weight is None or bias is None or weight.shape[0] != len(names) + 1 or bias.shape != weight.shape[:1]:
         raise ExpertError(f"--router: {path} holds no sequence router over its {len(names)} experts")
-    router = Router(weight.shape[1], weight.shape[0], int(args.get("top_k", 0)))
-    router.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+    router = PromptRouter(weight.shape[1], weight.shape[0], int(args.get("top_k", 0)))
+    centre = tensors.get(f"{SEQUENCE_ROUTER}.centre", torch.zeros(weight.shape[1]))  # none: written uncentred
+    router.load_state_dict({"weight": weight.float(), "bias": bias.float(), "centre": centre.float()})
     return SequenceRouter(router.requires_grad_(False), names)
 
 
