@@ -16,6 +16,7 @@ configuration: the mean gain, the minimum, and a 95% t-interval over seeds. Writ
     python benchmarks/learning.py --name sweep --seeds 0 --grid policy=svf,lora --grid lr=1e-3,3e-3
     python benchmarks/learning.py --name table1 --seeds 0 max_train_minutes=4 steps=200 policy=lora \
         --grid lr=2e-4,5e-4,1e-3    # an equal wall-clock budget per run
+    python benchmarks/learning.py --name gcd --config launch/experts/gcd.yaml    # another task
 """
 
 from __future__ import annotations
@@ -184,12 +185,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2],
                         help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--grid", action="append", default=[], help="key=v1,v2: one configuration per value")
+    parser.add_argument("--config", help="a YAML file every run starts from (svf-rl train --config)")
     parser.add_argument("--out", default="benchmarks/learning", help="where runs and results go")
     parser.add_argument("--report-only", action="store_true", help="summarise the finished runs, train none")
     args = parser.parse_intermixed_args()  # overrides before and after the options
     out = Path(args.out)
     results = []
-    for label, overrides in configurations(args.overrides, args.grid):
+    shared = (["--config", args.config] if args.config else []) + args.overrides
+    for label, overrides in configurations(shared, args.grid):
         runs = []
         for seed in args.seeds:
             directory = run_dir(out, args.name, label, seed)
