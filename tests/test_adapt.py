@@ -440,7 +440,7 @@ def sequence_mixture(model_dir, experts, path, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
         policy.router.weight.normal_(0, 2.0)
-        policy.router.centre.normal_(0, 1.0)
+    policy.set_centre(torch.randn(policy.router.centre.shape))
     return policy.save(path, {"model": model_dir, "fingerprint": fingerprint, "task": "mixed", "config": {}}, {})
 
 
@@ -476,8 +476,15 @@ def test_the_router_strategy_answers_as_the_trained_sequence_mixture_does(sharp_
     policy.attach(AutoModelForCausalLM.from_pretrained(sharp_model_dir))
     policy.save(token, {"model": sharp_model_dir, "fingerprint": load_expert(a).base_fingerprint, "task": "mixed",
                         "config": {}}, {})
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(mix), "pt") as f:  # a router whose centre does not fit its weights
+        bad = {k: f.get_tensor(k) for k in f.keys()} | {"sequence_router.centre": torch.zeros(3)}
+        save_file(bad, str(tmp_path / "bad.safetensors"), f.metadata())
     capsys.readouterr()
     for args, message in [(common, "needs --router"),
+                          ([*common, "--router", str(tmp_path / "bad.safetensors")], "router centre has shape"),
                           ([a, b, "--strategy", "oracle", "--router", str(mix)], "used only by --strategy router"),
                           ([a, other, *common[2:], "--router", str(mix)], "not among the experts given"),
                           ([*common, "--router", str(token)], "routing='token'"),

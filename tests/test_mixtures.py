@@ -146,6 +146,46 @@ def test_sequence_routing_runs_each_row_at_its_prompts_gates_and_the_router_grad
         assert torch.allclose(model(IDS).logits, tiny_llama()(IDS).logits, atol=1e-5)
 
 
+def test_a_sequence_routers_centre_is_kept_by_checkpoints_and_files_and_old_ones_read_uncentred(tmp_path):
+    """The centre a router was trained on travels with its trained tensors: a resumed policy (whose own
+    calibration prompts might differ) and a loaded file use it, never a recomputed one; a checkpoint or file
+    written before routers were centred reads with no centre, as it was trained."""
+    from svf_rl.engines.hf import left_pad, prompt_rows
+    from svf_rl.policies.mixture import CENTRE
+
+    paths = expert_files(tmp_path)
+    ids, mask = left_pad([[3, 9, 27, 11], [4, 8]], 0)
+
+    def routed(policy, model):
+        with torch.no_grad(), prompt_rows(model, ids, mask):
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    model, policy = mixture(paths, [[7, 1, 2], [30, 31, 32]], routing="sequence")
+    with torch.no_grad():
+        policy.router.weight.normal_(0, 3.0)
+    state = policy.state_dict()  # sets the centre first if no forward has
+    assert state[CENTRE].any() and torch.equal(state[CENTRE], policy.router.centre)
+    want = routed(policy, model)
+    other_model, other = mixture(paths, [[5, 5, 5, 5, 5]], routing="sequence")  # a resume with other prompts
+    other.load_state_dict(state)
+    assert torch.equal(other.router.centre, state[CENTRE])
+    assert torch.allclose(routed(other, other_model), want, atol=1e-6)
+    saved = policy.save(tmp_path / "mix.safetensors", {"model": "tiny", "fingerprint": "f", "task": "t",
+                                                       "config": {}}, {})
+    from svf_rl.policies.routing import read_routed
+
+    tensors, _ = read_routed(saved)
+    assert torch.equal(tensors[CENTRE], state[CENTRE])
+    old_model, old = mixture(paths, [[7, 1, 2], [30, 31, 32]], routing="sequence")
+    old.load_state_dict({k: v for k, v in state.items() if k != CENTRE})  # a checkpoint from before centring
+    routed(old, old_model)
+    assert not old.router.centre.any()  # not recomputed from its calibration prompts
+    old_model, old = mixture(paths, [[7, 1, 2], [30, 31, 32]], routing="sequence")
+    old.load_tensors({k: v for k, v in tensors.items() if k != CENTRE}, "old.safetensors")
+    routed(old, old_model)
+    assert not old.router.centre.any()
+
+
 def test_the_balance_terms_gradient_is_switchs_on_the_forwarded_tokens():
     router = Router(6, 3, balance=0.5)
     torch.manual_seed(1)

@@ -425,8 +425,8 @@ class Adapter:
 
 @dataclass
 class SequenceRouter:
-    """A trained mixture's sequence router, as a first pass over these experts (the mixture's own Router, with its
-    top-k); `names`: the experts of its options 1.., by their names here."""
+    """A trained mixture's sequence router, as a first pass over these experts (the mixture's own PromptRouter,
+    with its top-k and centre); `names`: the experts of its options 1.., by their names here."""
 
     router: PromptRouter
     names: list[str]
@@ -460,8 +460,11 @@ def read_router(path: str | Path, experts: dict[str, Path], fingerprint: str) ->
     weight, bias = tensors.get(f"{SEQUENCE_ROUTER}.weight"), tensors.get(f"{SEQUENCE_ROUTER}.bias")
     if weight is None or bias is None or weight.shape[0] != len(names) + 1 or bias.shape != weight.shape[:1]:
         raise ExpertError(f"--router: {path} holds no sequence router over its {len(names)} experts")
-    router = PromptRouter(weight.shape[1], weight.shape[0], int(args.get("top_k", 0)))
     centre = tensors.get(f"{SEQUENCE_ROUTER}.centre", torch.zeros(weight.shape[1]))  # none: written uncentred
+    if centre.shape != weight.shape[1:]:
+        raise ExpertError(f"--router: {path}'s router centre has shape {tuple(centre.shape)}, its router reads "
+                          f"{weight.shape[1]} features")
+    router = PromptRouter(weight.shape[1], weight.shape[0], int(args.get("top_k", 0)))
     router.load_state_dict({"weight": weight.float(), "bias": bias.float(), "centre": centre.float()})
     return SequenceRouter(router.requires_grad_(False), names)
 

@@ -140,6 +140,7 @@ class MixturePolicy(RoutedPolicy):
         if not per_token:  # a module of the model, so that DDP and DeepSpeed see its parameters
             self.router = PromptRouter(model.config.hidden_size, options, self.args.top_k, self.args.balance)
             self.calibration = list(prompts)  # the router's centre is their mean pooled state (first use)
+            self.router.centred = False
             model.add_module(SEQUENCE_ROUTER, self.router.to(next(iter(layers.values())).s.device))
             model.route_rows = self.rows  # the engines' and the update's first pass (logprobs.prompt_rows)
         self.model, self.layers = model, svf_layers(model)
@@ -157,23 +158,47 @@ class MixturePolicy(RoutedPolicy):
         return {} if self.router is None else {f"{SEQUENCE_ROUTER}.{n}": p for n, p in self.router.named_parameters()}
 
     def sequence_router_state(self) -> dict[str, torch.Tensor]:
-        """What a file keeps of the sequence router: its parameters and its centre."""
+        """What a file and a checkpoint keep of the sequence router: its parameters and its centre."""
         if self.router is None:
             return {}
-        return {**self.sequence_router(), f"{SEQUENCE_ROUTER}.centre": self.router.centre}
+        return {**self.sequence_router(), CENTRE: self.router.centre}
+
+    def ensure_centre(self) -> None:
+        if not self.router.centred:
+            self.set_centre(mean_prompt_feature(self.model, self.calibration) if self.calibration else None)
+
+    @torch.no_grad()
+    def set_centre(self, centre: torch.Tensor | None) -> None:
+        """None: a file or checkpoint from before routers were centred, read as it was trained (no centre)."""
+        self.router.centre.copy_(torch.zeros_like(self.router.centre) if centre is None else centre)
+        self.router.centred = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors and, routed by sequence, the centre its router was trained on."""
+        state = super().state_dict()
+        if self.router is not None:
+            self.ensure_centre()
+            state[CENTRE] = self.router.centre.detach().float().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        centre = state.pop(CENTRE, None)
+        super().load_state_dict(state)
+        if self.router is not None:
+            self.set_centre(centre)
 
     @contextlib.contextmanager
     def rows(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
         """Forwards inside run `repeats` sequences of each prompt (`ids`, `mask`: left-padded), each at its gates:
         the router on the mean of the base model's final hidden states over the prompt's tokens (prompt_feature),
-        once per sequence (its statistics and balance term count sequences). The first call sets the router's
-        centre from the training prompts the policy attached with, on the device the model now runs on; a resumed
-        run or a loaded file brings its own."""
+        once per sequence (its statistics and balance term count sequences). Unless a checkpoint or a file has
+        set it, the first call sets the router's centre from the training prompts the policy attached with, on
+        the device the model runs on (in training: the loop's setup, before a resume loads its own)."""
         if any(layer.use_reference for layer in self.layers.values()):  # π_ref's forwards: no routing
             yield
             return
-        if self.calibration and not self.router.centre.any():  # neither computed nor loaded yet
-            self.router.centre.copy_(mean_prompt_feature(self.model, self.calibration))
+        self.ensure_centre()
         gates = self.router(prompt_features(self.model, ids, mask).repeat_interleave(repeats, 0))
         for layer in self.layers.values():
             layer.row_gates = gates
@@ -196,7 +221,10 @@ class MixturePolicy(RoutedPolicy):
         return {**dataclasses.asdict(self.args), "expert_files": self.expert_files}
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """Every router, and every expert's z (trained or not): the file alone rebuilds the mixture."""
+        """Every router (a sequence router with its centre), and every expert's z (trained or not): the file
+        alone rebuilds the mixture."""
+        if self.router is not None:
+            self.ensure_centre()
         tensors = {f"{name}.{part}": tensor for name, layer in self.layers.items()
                    for part, tensor in saved_parts(layer)}
         tensors.update(self.sequence_router_state())
@@ -205,13 +233,16 @@ class MixturePolicy(RoutedPolicy):
     def load_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
         mine = {f"{name}.{part}": tensor for name, layer in self.layers.items() for part, tensor in saved_parts(layer)}
         mine.update(self.sequence_router_state())
+        if CENTRE in mine and CENTRE not in tensors:  # written before routers were centred
+            del mine[CENTRE]
+            self.set_centre(None)
         with torch.no_grad():
             for key, tensor in mine.items():
-                if key == f"{SEQUENCE_ROUTER}.centre" and key not in tensors:
-                    continue  # written before routers were centred: a zero centre reads as they did
                 if key not in tensors or tensors[key].shape != tensor.shape:
                     raise PolicyError(f"{path} does not fit this mixture: {key} is missing or of another shape")
                 tensor.copy_(tensors[key])
+        if CENTRE in mine:
+            self.router.centred = True
 
     def memory(self, targets: list[tuple[str, int, int]], b: int) -> dict:
         """Factors instead of each W (U, s, Vᵀ less W), K expert vectors, a router per layer (or one)."""
@@ -257,12 +288,13 @@ class PromptRouter(Router):
     is most of each mean: on the three adaptation tasks, the tasks' mean directions differ by 0.39 uncentred
     and 1.73 centred, against 0.06 and 0.30 within a task. Unit length makes an Adam step of lr move a logit
     by at most lr·√d whatever the model's hidden scale (unscaled, one step at 1e-2 moved SmolLM2's logits by
-    several units: the router collapsed in 10 steps). A zero centre is one not set yet."""
+    several units: the router collapsed in 10 steps). `centred`: whether the centre is set (computed or read)."""
 
     def __init__(self, hidden_size: int, options: int, top_k: int = 0, balance: float = 0.0):
         super().__init__(hidden_size, options, top_k, balance)
         self.per_sequence = True
         self.register_buffer("centre", torch.zeros(hidden_size))
+        self.centred = True  # a policy in training clears it until its first pass computes the centre
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -286,6 +318,7 @@ def rows_of(gates: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 SEQUENCE_ROUTER = "sequence_router"  # routing=sequence: the router's module name in the model
+CENTRE = f"{SEQUENCE_ROUTER}.centre"
 
 
 def saved_parts(layer: MixtureLinear) -> list[tuple[str, torch.Tensor]]:
