@@ -6,8 +6,8 @@ token its gates from the layer's input (MoV's per-token soft routing, here over 
 `routing=sequence`: one router gives each completion its gates from its prompt alone, once (a learned
 Transformer² first pass): the base model reads the prompt, the router maps the mean of its final hidden states
 (less their mean over the training prompts, at unit length: PromptRouter) to gates, and every layer runs the
-whole sequence at that z. The layer runs factored,
-U((s ⊙ z) ⊙ Vᵀx), which costs (in + out)·r per token. π_ref is the base model (z = 1).
+whole sequence at that z. The layer runs factored, U((s ⊙ z) ⊙ Vᵀx), which costs (in + out)·r per token. π_ref
+is the base model (z = 1).
 """
 
 from __future__ import annotations
