@@ -103,6 +103,7 @@ def summarise_run(directory: Path, seed: int) -> dict:
     first = {k: v for r in records if r.get("step") == 0 for k, v in r.items()}
     steps = [r for r in records if "reward" in r]
     base, final = first["base_test/accuracy"], next(r["test/accuracy"] for r in records if "test/accuracy" in r)
+    info = directory / "run.json"
     return {
         "seed": seed, "base": base, "base_64_tokens": first.get("base_test_64_tokens/accuracy"),
         "test": final, "gain": final - base, "steps": max((r["step"] for r in steps), default=0),
@@ -110,6 +111,7 @@ def summarise_run(directory: Path, seed: int) -> dict:
         "wall_s": timing["seconds"], "peak_rss_mib": timing["peak_rss_mib"],
         "trainable_parameters": first.get("trainable_parameters"),
         "validation": [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r],
+        "environment": json.loads(info.read_text()).get("environment") if info.is_file() else None,
     }
 
 
@@ -148,6 +150,9 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {result['label']} | {s['seeds']} | {best} | {pct(s['gain_mean'])} | {pct(s['gain_min'])} | "
                      f"[{pct(s['gain_low'])}, {pct(s['gain_high'])}] | {s['wall_s_mean'] / 60:.1f} min | "
                      f"{s['wall_s_max'] / 60:.1f} min |")
+    # The libraries' versions decide the random samples a seed draws; runs recorded before they were kept show none.
+    environments = {json.dumps(r["environment"]) for result in results for r in result["runs"] if r.get("environment")}
+    lines += [f"\nenvironment: {', '.join(f'{k} {v}' for k, v in json.loads(e).items())}" for e in sorted(environments)]
     return "\n".join(lines)
 
 

@@ -37,11 +37,15 @@ def convert_embedded_model() -> Path:
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses GGUF-loaded models: rebuild from a clean config and copy the weights.
-    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
+    # from_config initialises weights from the global generator: a run that converts (the first on a machine) would
+    # otherwise sample other completions from its seed than every later run.
+    with torch.random.fork_rng(devices=[]):
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses GGUF-loaded models: rebuild from a clean config and copy the weights.
+        config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items()
+                                         if k != "quantization_config"})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
     with atomic_directory(target) as staging:  # a killed conversion leaves no half-written model
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -71,7 +75,8 @@ def load_base_model(model: str, dtype: torch.dtype = torch.float32):
     path = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):  # weights a checkpoint lacks are initialised outside the run's stream
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as err:
         raise FileNotFoundError(f"cannot load base model {model!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:

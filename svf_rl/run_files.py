@@ -6,8 +6,10 @@ import contextlib
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 
@@ -25,6 +27,20 @@ def atomic_directory(target: Path):
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def environment() -> dict[str, str]:
+    """What a run's numbers depend on besides its configuration: the libraries that draw its random numbers or do
+    its arithmetic, and the CPU (fp32 results differ in their last bits between CPU kinds)."""
+    versions = {}
+    for package in ("torch", "transformers", "accelerate", "numpy", "peft", "deepspeed", "vllm", "reasoning-gym"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"python": platform.python_version(), **versions, "cpu": cpu}
 
 
 def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:

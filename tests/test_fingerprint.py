@@ -166,3 +166,22 @@ def test_worker_reports_the_fingerprint_of_each_checkpoint_weight(tmp_path, monk
     names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
     reported = FakeWorker(tmp_path).extension.policy_setup(json.dumps({"policy": "svf", "names": names}))
     assert reported == {name: weight_fingerprint(model.get_submodule(name).weight) for name in names}
+
+
+def test_a_machines_first_run_draws_the_random_numbers_a_later_run_draws(tmp_path, monkeypatch, smollm2_path):
+    """Converting the embedded model (what a machine's first run does) and loading it leave the global generator as
+    they found it, so a seed samples the same completions whether the cache was empty or not; the conversion is
+    the cached one, byte for byte."""
+    from pathlib import Path
+
+    from svf_rl.base_model import EMBEDDED_MODEL, load_base_model
+
+    monkeypatch.setenv("SVF_RL_CACHE", str(tmp_path))
+    expected = torch.manual_seed(0).get_state()
+    load_base_model(EMBEDDED_MODEL)  # converts into the empty cache
+    assert torch.equal(torch.get_rng_state(), expected)
+    torch.manual_seed(0)
+    load_base_model(EMBEDDED_MODEL)  # reads it
+    assert torch.equal(torch.get_rng_state(), expected)
+    converted = tmp_path / "models" / "smollm2-135m-instruct" / "model.safetensors"
+    assert converted.read_bytes() == (Path(smollm2_path) / "model.safetensors").read_bytes()

@@ -1,5 +1,6 @@
 """End-to-end training on a tiny random Llama (fast) and on the real SmolLM2 (slow)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -242,6 +243,8 @@ def test_a_checkpoint_on_other_base_weights_is_refused(tiny_model_dir, tmp_path)
     from svf_rl.loop.train import TrainingError
 
     train(tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=100))
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["environment"]
+    assert recorded["torch"] == torch.__version__ and recorded["cpu"]  # what drew its random numbers, and where
     other = tmp_path / "other_model"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():

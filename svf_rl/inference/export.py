@@ -10,7 +10,7 @@ import yaml
 
 from svf_rl.inference.expert import Expert, check_vectors, save_expert
 from svf_rl.inputs import check_output, read_torch_file
-from svf_rl.run_files import checkpoint_dirs, write_atomic
+from svf_rl.run_files import checkpoint_dirs, environment, write_atomic
 
 RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, written when it starts
 
@@ -18,9 +18,10 @@ RUN_INFO = "run.json"  # base model, fingerprint, targets and task of a run, wri
 def write_run_info(run_dir: Path, base_model: str, base_fingerprint: str, targets: str, task: str,
                    task_args: dict | None = None, policy: str = "svf", policy_args: dict | None = None) -> None:
     """Record what `export_checkpoint` needs besides z, so any checkpoint of the run can become an expert, and
-    what a resumed run must match."""
+    what a resumed run must match; and the environment it ran in."""
     info = {"base_model": base_model, "base_fingerprint": base_fingerprint, "targets": targets, "task": task,
-            "task_args": task_args or {}, "policy": policy, "policy_args": policy_args or {}}
+            "task_args": task_args or {}, "policy": policy, "policy_args": policy_args or {},
+            "environment": environment()}
     write_atomic(Path(run_dir) / RUN_INFO, json.dumps(info))
 
 
