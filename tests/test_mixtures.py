@@ -186,6 +186,30 @@ def test_a_sequence_routers_centre_is_kept_by_checkpoints_and_files_and_old_ones
     assert not old.router.centre.any()
 
 
+def test_route_agreement_compares_each_update_sequence_with_its_prompts_route_when_sampled(tmp_path):
+    from svf_rl.engines.hf import left_pad, prompt_rows
+
+    model, policy = mixture(expert_files(tmp_path), [[7, 1, 2], [30, 31, 32]], routing="sequence")
+    with torch.no_grad():
+        policy.router.weight.normal_(0, 3.0)
+    sampled = [[3, 9, 27, 11], [4, 8]]
+
+    def forward(grad: bool, prompts=sampled, repeats: int = 1):
+        ids, mask = left_pad(prompts, 0)
+        with torch.set_grad_enabled(grad), prompt_rows(model, ids, mask, repeats):
+            model(input_ids=ids.repeat_interleave(repeats, 0), attention_mask=mask.repeat_interleave(repeats, 0))
+
+    forward(False, repeats=2)  # the rollout: two completions per prompt
+    forward(True, [sampled[1], sampled[0], [5, 6]])  # the update, in its own order, with an unsampled prompt
+    assert policy.metrics()["route_agreement"] == 1.0
+    forward(False)
+    with torch.no_grad():  # the router moves between rollout and update: every prompt's top-1 option changes
+        policy.router.bias[sorted(set(policy.rollout_top1.values()))] = -100.0
+    forward(True)
+    assert policy.metrics()["route_agreement"] == 0.0
+    assert "route_agreement" not in policy.metrics()  # counted once
+
+
 def test_the_balance_terms_gradient_is_switchs_on_the_forwarded_tokens():
     router = Router(6, 3, balance=0.5)
     torch.manual_seed(1)
@@ -322,8 +346,7 @@ def test_routing_statistics_are_each_options_mean_gate_and_top1_share(tmp_path):
     (["policy=mixture", "policy_args.experts=[{e0}]", "targets=attn"], "trained with targets 'mlp'"),
     (["policy=mixture", "policy_args.experts=[{e0},{other}]"], "other base weights or layers"),
     (["policy=mixture", "policy_args.experts=[{e0}]", "engine=vllm"], "vLLM engines do not run"),
-    (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.routing=sequence", "engine=vllm_server"],
-     "routes each sequence by a first pass over its prompt, which vLLM engines do not run"),
+    (["policy=hydralora", "engine=vllm"], "routes each token inside its layers, which vLLM engines do not run"),
     (["policy=mixture", "policy_args.experts=[{e0}]", "policy_args.balance=-0.1"], "balance must be >= 0"),
     (["policy=hydralora", "policy_args.experts=1"], "need experts >= 2"),
     (["policy=molora", "policy_args.top_k=5"], "top_k must be 0"),
@@ -365,6 +388,8 @@ def test_a_routed_policy_trains_through_the_loop_and_its_file_loads_and_resumes(
     steps = [r for r in read_metrics(tmp_path / "whole" / "run" / "metrics.jsonl") if "reward" in r]
     assert len(steps) == 4 and all(0 < r["route_entropy"] <= 1.1 for r in steps)
     assert all(r["sampler_logp_gap"] < 1e-4 for r in steps)  # rollouts ran the trainer's own routed policy
+    if name == "mixture-sequence":  # and each update sequence took its prompt's route when sampled
+        assert all(r["route_agreement"] == 1.0 for r in steps)
     # The file alone rebuilds what training ended with
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     fingerprint = model_fingerprint(model)

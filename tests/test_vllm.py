@@ -1,5 +1,6 @@
 """vLLM, colocated and as a server: after a training step its log-probs are the trainer's at the new z."""
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -297,6 +298,77 @@ def test_colocated_vllm_generates_each_group_with_its_own_z(smollm2_path, reques
         ours, mask = trainer_logprobs(model, completions, tokenizer.pad_token_id)
         served = pad_logprobs([c.logprobs for c in completions], ours.shape[1])
         assert ((served - ours).abs() * mask).max().item() < 1e-3  # each group ran at its own z
+
+
+@pytest.fixture(scope="module")
+def smollm2_experts(smollm2_path, tmp_path_factory):
+    """Two expert files for SmolLM2's MLPs, each z a different random scale, as far apart as trained experts."""
+    from svf_rl.inference.expert import Expert, save_expert
+    from svf_rl.svd import model_fingerprint
+
+    model, _ = load_base_model(smollm2_path)
+    fingerprint = model_fingerprint(model)
+    apply_svf(model, "mlp", "auto", cache_root() / "svd", progress=False)
+    generator = torch.Generator().manual_seed(3)
+    folder = tmp_path_factory.mktemp("smollm2_experts")
+    return [str(save_expert(Expert({n: 1 + 0.3 * torch.randn(layer.z.shape, generator=generator)
+                                    for n, layer in svf_layers(model).items()}, smollm2_path, fingerprint, "mlp",
+                                   f"e{k}"), folder / f"e{k}.safetensors")) for k in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["colocated", "server"])
+def test_vllm_generates_each_prompt_at_its_sequence_routers_gates(kind, smollm2_path, smollm2_experts, request):
+    from svf_rl.config import TrainConfig
+    from svf_rl.engines.per_prompt import PerPromptEngine
+    from svf_rl.policies import make_policy
+
+    model, tokenizer = load_base_model(smollm2_path)
+    fingerprints = weight_fingerprints(model)
+    policy = make_policy(TrainConfig(policy="mixture", targets="mlp", progress=False,
+                                     engine="vllm" if kind == "colocated" else "vllm_server",
+                                     policy_args={"experts": smollm2_experts, "routing": "sequence"}))
+    questions = ("What is 7 * 8?", "Name a colour.", "How many r's are in 'strawberry'?")
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    policy.attach(model, prompts)
+    with torch.no_grad():  # a trained router: the three prompts get far-apart gates
+        policy.router.weight.normal_(0, 4, generator=torch.Generator().manual_seed(0))
+    gates = policy.prompt_gates(prompts)
+    assert min((gates[i] - gates[j]).abs().max().item() for i, j in ((0, 1), (0, 2), (1, 2))) > 0.1
+    engine = PerPromptEngine(make_engine(kind, model, tokenizer, smollm2_path, request, fingerprints, policy), policy)
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=8, seeds=[1, 2, 3])
+
+    def gap(completions, reference=False):
+        with policy.reference() if reference else contextlib.nullcontext():
+            ours, mask = trainer_logprobs(model, completions, tokenizer.pad_token_id)
+        served = pad_logprobs([c.logprobs for c in completions], ours.shape[1])
+        return ((served - ours).abs() * mask).amax(1).view(len(prompts), -1).amax(1)
+
+    routed = engine.generate(prompts, sampling)
+    assert gap(routed).max() < 1e-3  # each prompt ran at its own gates, as the update routes it
+    assert gap(routed, reference=True).min() > 1e-2  # ... which are not the base model
+    with policy.at_gates(gates[0]):  # one route for all: the other two prompts' completions show it
+        engine.engine.update_weights()
+    assert gap(engine.engine.generate(prompts, sampling))[1:].min() > 1e-2
+    with policy.reference():  # π_ref's scope (the base model's scores) routes nothing
+        assert gap(engine.generate(prompts, sampling), reference=True).max() < 1e-3
+
+
+@pytest.mark.parametrize("engine", ["vllm", "vllm_server"])
+def test_a_sequence_routed_mixture_trains_through_vllm_whose_log_probs_stay_the_trainers(
+        engine, smollm2_path, smollm2_experts, tmp_path, request):
+    mixture = {"policy": "mixture", "targets": "mlp", "lr": 0.5, "policy_args.routing": "sequence",
+               "policy_args.experts": f"[{','.join(smollm2_experts)}]"}
+    if engine == "vllm_server":
+        config = server_config(smollm2_path, tmp_path, request.getfixturevalue("vllm_server"), **mixture)
+        train(config)
+    else:
+        config = colocated_config(smollm2_path, tmp_path, **mixture)
+        run_cli(config)
+    steps = step_metrics(Path(config.output_dir))
+    gaps = [s["sampler_logp_gap"] for s in steps]
+    assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
+    assert all(0 < s["route_rollout_entropy"] < math.log(3) for s in steps[1:])  # the router moved off uniform
+    assert (Path(config.output_dir) / "mixture.safetensors").is_file()
 
 
 LORA_SERVE = """

@@ -41,20 +41,32 @@ def make_engine(kind: str, model, tokenizer, policy=None, model_path: str = "", 
                 gpu_memory_utilization: float = 0.3, max_model_len: int = 2048, urls=(), timeout: float = 300.0,
                 accelerator=None, fingerprints: dict[str, str] | None = None) -> RolloutEngine:
     """hf: generate() on the model itself; vllm: a vLLM engine in this process, fed the policy's weights by name;
-    vllm_server: vLLM servers of their own, fed the policy's trainable state. `policy` None: the model as it is."""
+    vllm_server: vLLM servers of their own, fed the policy's trainable state. `policy` None: the model as it is.
+    A policy whose weights follow the prompt gets each prompt generated at its own (PerPromptEngine)."""
+    if kind == "hf":
+        return HFEngine(model, tokenizer)
+    per_prompt = getattr(policy, "per_prompt", False)
     if kind == "vllm":
         from svf_rl.engines.vllm_engine import VLLMEngine
 
         weights = policy.engine_weights if policy is not None else lambda: iter(())
-        return VLLMEngine(model, tokenizer, model_path, weights, seed=seed,
-                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
-    if kind == "vllm_server":
-        from svf_rl.engines.vllm_engine import VLLMServerEngine
+        engine = VLLMEngine(model, tokenizer, model_path, weights, seed=seed,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+    else:
+        from svf_rl.engines.vllm_engine import VLLMServerEngine, VLLMServerError
 
         main, wait = (accelerator.is_main_process, accelerator.wait_for_everyone) if accelerator else (True, None)
-        return VLLMServerEngine(model, tokenizer, policy, list(urls), timeout, main=main, wait=wait or (lambda: None),
-                                fingerprints=fingerprints)
-    return HFEngine(model, tokenizer)
+        if per_prompt and accelerator is not None and accelerator.num_processes > 1:
+            raise VLLMServerError("a policy that routes each prompt pushes each prompt's weights to the vLLM "
+                                  "servers in turn, which one training process can do, not several; launch one "
+                                  "process, or use engine=vllm (an engine per process)")
+        engine = VLLMServerEngine(model, tokenizer, policy, list(urls), timeout, main=main,
+                                  wait=wait or (lambda: None), fingerprints=fingerprints)
+    if per_prompt:
+        from svf_rl.engines.per_prompt import PerPromptEngine
+
+        engine = PerPromptEngine(engine, policy)
+    return engine
 
 
 def generate_per_z(engine, groups: list[tuple[dict | None, list[list[int]]]], sampling: Sampling,

@@ -215,7 +215,7 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     if (adapter or routed) and alpha is not None:
         raise ValueError("--alpha weighs SVF experts; a PEFT adapter or routed policy is scored as it is")
     if routed and engine != "hf":
-        raise ValueError(f"{experts[0]} routes each token inside its layers, which vLLM does not run; use --engine hf")
+        raise ValueError(f"{experts[0]} is a routed policy, which eval scores with --engine hf")
     check_mixing(mixing)
     loaded = [] if adapter or routed else [load_expert(path) for path in experts]
     check_evaluation(loaded, [str(p) for p in experts], alpha, split, size, max_new_tokens, samples, temperature,

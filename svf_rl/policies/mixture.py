@@ -91,6 +91,9 @@ class MixturePolicy(RoutedPolicy):
                               "its sequences' gates; use routing=token or gradient_checkpointing=false")
         self.router: PromptRouter | None = None  # routing=sequence: the one router, on the prompt's hidden states
         self.calibration: list[list[int]] = []  # routing=sequence: the prompts its centre is the mean of
+        self.engine_gates: torch.Tensor | None = None  # the gates engine_weights composes at (at_gates)
+        self.rollout_top1: dict[tuple, int] = {}  # prompt → its top-1 option when sampled (route_agreement)
+        self.agreement = [0, 0]  # update sequences whose top-1 is their rollout's, of those compared
         self.experts = read_experts(self.args.experts, config.targets)
         self.labels = ["base"] + expert_labels(self.args.experts, self.experts)
         # What the file records is what was read: the expert files may move or change during the run.
@@ -106,7 +109,8 @@ class MixturePolicy(RoutedPolicy):
         policy = cls.__new__(cls)
         RoutedPolicy.__init__(policy, config)
         policy.args = check_args("mixture", MixtureArgs, config.policy_args)
-        policy.router, policy.calibration = None, []
+        policy.router, policy.calibration, policy.engine_gates = None, [], None
+        policy.rollout_top1, policy.agreement = {}, [0, 0]
         names = [k.removesuffix(".experts") for k in tensors if k.endswith(".experts")]
         policy.experts = [Expert({n: tensors[f"{n}.experts"][k] for n in names}, info["base_model"],
                                  info["base_fingerprint"], info["targets"], label)
@@ -149,6 +153,79 @@ class MixturePolicy(RoutedPolicy):
         if config.policy_args.get("routing") == "sequence":
             return "routes each sequence by a first pass over its prompt"
         return super().routes(config)
+
+    def runs_on_vllm(self, config) -> bool:
+        return config.policy_args.get("routing") == "sequence"  # a prompt's weights are an SVF expert's
+
+    @property
+    def per_prompt(self) -> bool:
+        """Whether its weights follow the prompt: a vLLM engine then generates each prompt at its own (engines/
+        per_prompt.py)."""
+        return self.router is not None
+
+    @torch.no_grad()
+    def prompt_gates(self, prompts: list[list[int]], repeats: int = 1) -> torch.Tensor | None:
+        """[prompts, 1 + K]: each prompt's gates, from rows()' first pass (the rollout statistics count `repeats`
+        sequences per prompt, as rows() does); None in π_ref's scope, which routes nothing."""
+        from svf_rl.engines.hf import left_pad
+
+        if any(layer.use_reference for layer in self.layers.values()):
+            return None
+        self.ensure_centre()
+        ids, mask = left_pad(prompts, 0)  # the mask hides the padding from the first pass
+        device = self.router.centre.device
+        features = prompt_features(self.model, ids.to(device), mask.to(device))
+        gates = self.router(features.repeat_interleave(repeats, 0))[::repeats]
+        self.note_top1(ids, mask, gates)
+        return gates
+
+    def note_top1(self, ids: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor) -> None:
+        """Each prompt's top-1 option: kept when it is sampled (no gradient), compared when the update routes it."""
+        keys = [tuple(row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
+        top1 = gates.detach().argmax(-1).tolist()
+        if not torch.is_grad_enabled():
+            self.rollout_top1.update(zip(keys, top1, strict=True))
+            return
+        for key, option in zip(keys, top1, strict=True):
+            if key in self.rollout_top1:
+                self.agreement[0] += self.rollout_top1[key] == option
+                self.agreement[1] += 1
+
+    def metrics(self) -> dict[str, float]:
+        """The routing statistics, and for a sequence router `route_agreement`: the share of the step's update
+        sequences whose top-1 option is the one their prompt had when sampled (1 unless routing moved in between)."""
+        out = super().metrics()
+        if self.agreement[1]:
+            out["route_agreement"] = self.agreement[0] / self.agreement[1]
+        self.rollout_top1, self.agreement = {}, [0, 0]
+        return out
+
+    @contextlib.contextmanager
+    def at_gates(self, gates: torch.Tensor | None):
+        """Within: engine_weights and server_update are one prompt's weights, every layer at z = 1 + Σₖ gₖ(zₖ − 1)
+        (as its forward computes it, factored), an SVF expert's; gates None: the base model's."""
+        self.engine_gates = gates
+        try:
+            yield
+        finally:
+            self.engine_gates = None
+
+    def engine_z(self) -> dict[str, torch.Tensor]:
+        gates = self.engine_gates
+        if gates is None:
+            return {name: torch.ones_like(layer.z.detach()) for name, layer in self.layers.items()}
+        return {name: 1 + gates[1:].to(layer.experts.device).float() @ (layer.experts.detach() - 1)
+                for name, layer in self.layers.items()}
+
+    def engine_weights(self):
+        for name, z in self.engine_z().items():
+            yield f"{name}.weight", self.layers[name].compose_for_inference(z)
+
+    def server_setup(self) -> dict:
+        return {"policy": "svf", "names": list(self.layers)}  # the server composes W' from each prompt's z
+
+    def server_update(self) -> dict[str, torch.Tensor]:
+        return {name: z.float().cpu() for name, z in self.engine_z().items()}
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {**super().named_parameters(), **self.sequence_router()}
@@ -200,6 +277,7 @@ class MixturePolicy(RoutedPolicy):
             return
         self.ensure_centre()
         gates = self.router(prompt_features(self.model, ids, mask).repeat_interleave(repeats, 0))
+        self.note_top1(ids, mask, gates[::repeats])
         for layer in self.layers.values():
             layer.row_gates = gates
         try:

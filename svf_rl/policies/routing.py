@@ -154,13 +154,17 @@ class RoutedPolicy:
     def __init__(self, config):
         from svf_rl.policies.base import PolicyError
 
-        if config.engine != "hf":
+        if config.engine != "hf" and not self.runs_on_vllm(config):
             raise PolicyError(f"policy {config.policy!r} {self.routes(config)}, which vLLM engines do not run; use "
                               f"engine=hf")
         self.targets, self.model, self.layers, self.sharded = config.targets, None, {}, False
 
     def routes(self, config) -> str:
         return "routes each token inside its layers"
+
+    def runs_on_vllm(self, config) -> bool:
+        """Whether vLLM engines can generate from it: only weights fixed for a whole sequence can be pushed."""
+        return False
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {f"{layer_name}.{name}": p for layer_name, layer in self.layers.items()
