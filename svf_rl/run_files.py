@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -36,11 +37,15 @@ def environment() -> dict[str, str]:
     for package in ("torch", "transformers", "accelerate", "numpy", "peft", "deepspeed", "vllm", "reasoning-gym"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-    cpu = platform.processor()
+    cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    return {"python": platform.python_version(), **versions, "cpu": cpu}
+    gpu = {}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        gpu = {"cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0)}
+    return {"python": platform.python_version(), **versions, "cpu": cpu, **gpu}
 
 
 def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:

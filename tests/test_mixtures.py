@@ -186,6 +186,19 @@ def test_a_sequence_routers_centre_is_kept_by_checkpoints_and_files_and_old_ones
     assert not old.router.centre.any()
 
 
+def test_a_sequence_router_through_a_vllm_server_under_several_processes_is_refused_before_anything_loads(
+        tmp_path, monkeypatch):
+    e0 = expert_files(tmp_path)[0]
+    args = ["policy=mixture", f"policy_args.experts=[{e0}]", "policy_args.routing=sequence", "engine=vllm_server",
+            "vllm_server_urls=[http://127.0.0.1:8000]"]
+    load_config(None, args)  # one process: one server's weights, pushed prompt by prompt
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one training process can do, not several") as err:
+        load_config(None, args)
+    assert "\n" not in str(err.value)
+    load_config(None, args[:-2] + ["engine=vllm"])  # a colocated engine per process
+
+
 def test_route_agreement_compares_each_update_sequence_with_its_prompts_route_when_sampled(tmp_path):
     from svf_rl.engines.hf import left_pad, prompt_rows
 

@@ -316,22 +316,29 @@ def smollm2_experts(smollm2_path, tmp_path_factory):
                                    f"e{k}"), folder / f"e{k}.safetensors")) for k in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["colocated", "server"])
-def test_vllm_generates_each_prompt_at_its_sequence_routers_gates(kind, smollm2_path, smollm2_experts, request):
+@pytest.mark.parametrize("kind, top_k", [("colocated", 0), ("server", 0), ("colocated", 1)])
+def test_vllm_generates_each_prompt_at_its_sequence_routers_gates(kind, top_k, smollm2_path, smollm2_experts,
+                                                                  request):
     from svf_rl.config import TrainConfig
+    from svf_rl.engines.hf import left_pad
     from svf_rl.engines.per_prompt import PerPromptEngine
     from svf_rl.policies import make_policy
+    from svf_rl.policies.mixture import prompt_features
 
     model, tokenizer = load_base_model(smollm2_path)
     fingerprints = weight_fingerprints(model)
     policy = make_policy(TrainConfig(policy="mixture", targets="mlp", progress=False,
                                      engine="vllm" if kind == "colocated" else "vllm_server",
-                                     policy_args={"experts": smollm2_experts, "routing": "sequence"}))
+                                     policy_args={"experts": smollm2_experts, "routing": "sequence",
+                                                  "top_k": top_k}))
     questions = ("What is 7 * 8?", "Name a colour.", "How many r's are in 'strawberry'?")
     prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     policy.attach(model, prompts)
-    with torch.no_grad():  # a trained router: the three prompts get far-apart gates
-        policy.router.weight.normal_(0, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a trained router: prompt 0 mostly expert 0, prompt 1 expert 1, prompt 2 a mix of both
+        policy.ensure_centre()
+        features = prompt_features(model, *left_pad(prompts, 0))
+        u = torch.nn.functional.normalize(features - policy.router.centre, dim=-1)
+        policy.router.weight.copy_(5 * torch.stack([-u[2], u[0], u[1]]))
     gates = policy.prompt_gates(prompts)
     assert min((gates[i] - gates[j]).abs().max().item() for i, j in ((0, 1), (0, 2), (1, 2))) > 0.1
     engine = PerPromptEngine(make_engine(kind, model, tokenizer, smollm2_path, request, fingerprints, policy), policy)
@@ -344,7 +351,13 @@ def test_vllm_generates_each_prompt_at_its_sequence_routers_gates(kind, smollm2_
         return ((served - ours).abs() * mask).amax(1).view(len(prompts), -1).amax(1)
 
     routed = engine.generate(prompts, sampling)
+    assert [c.prompt_ids for c in routed] == [p for p in prompts for _ in range(2)]  # in the prompts' order
     assert gap(routed).max() < 1e-3  # each prompt ran at its own gates, as the update routes it
+    for i, prompt in enumerate(prompts):  # ... and its own seed
+        with policy.at_gates(gates[i]):
+            engine.engine.update_weights()
+        alone = engine.engine.generate([prompt], Sampling(n=2, temperature=1.0, max_new_tokens=8, seeds=[i + 1]))
+        assert [c.ids for c in alone] == [c.ids for c in routed[2 * i:2 * i + 2]]
     assert gap(routed, reference=True).min() > 1e-2  # ... which are not the base model
     with policy.at_gates(gates[0]):  # one route for all: the other two prompts' completions show it
         engine.engine.update_weights()
@@ -368,6 +381,7 @@ def test_a_sequence_routed_mixture_trains_through_vllm_whose_log_probs_stay_the_
     gaps = [s["sampler_logp_gap"] for s in steps]
     assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
     assert all(0 < s["route_rollout_entropy"] < math.log(3) for s in steps[1:])  # the router moved off uniform
+    assert all(s["route_agreement"] == 1.0 for s in steps)  # each update sequence routed as it was sampled
     assert (Path(config.output_dir) / "mixture.safetensors").is_file()
 
 

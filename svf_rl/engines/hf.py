@@ -53,13 +53,9 @@ def make_engine(kind: str, model, tokenizer, policy=None, model_path: str = "", 
         engine = VLLMEngine(model, tokenizer, model_path, weights, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     else:
-        from svf_rl.engines.vllm_engine import VLLMServerEngine, VLLMServerError
+        from svf_rl.engines.vllm_engine import VLLMServerEngine
 
         main, wait = (accelerator.is_main_process, accelerator.wait_for_everyone) if accelerator else (True, None)
-        if per_prompt and accelerator is not None and accelerator.num_processes > 1:
-            raise VLLMServerError("a policy that routes each prompt pushes each prompt's weights to the vLLM "
-                                  "servers in turn, which one training process can do, not several; launch one "
-                                  "process, or use engine=vllm (an engine per process)")
         engine = VLLMServerEngine(model, tokenizer, policy, list(urls), timeout, main=main,
                                   wait=wait or (lambda: None), fingerprints=fingerprints)
     if per_prompt:

@@ -3,9 +3,8 @@
 A sequence-routed mixture gives each prompt its own SVF expert, z(x) = 1 + Σₖ gₖ(x)(zₖ − 1), from a first pass over
 the prompt, while vLLM holds one set of weights. So each generate() routes its prompts at once, on the trainer's
 model, then pushes each route's weights and generates that route's prompts; prompts with the same gates share a
-push. Nothing is pushed after an optimiser step: every generate() pushes its own routes. A push costs a weight
-reload per distinct route, so this trades rollout speed for vLLM's sampling; the HF engine routes inside its
-batches instead.
+push. Nothing is pushed after an optimiser step: every generate() pushes its own routes. Each distinct route
+costs a weight reload; the HF engine routes inside its batches instead.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,11 @@ class MixturePolicy(RoutedPolicy):
     def __init__(self, config):
         super().__init__(config)
         self.args = check_args("mixture", MixtureArgs, config.policy_args)
+        if (self.args.routing == "sequence" and config.engine == "vllm_server"
+                and int(os.environ.get("WORLD_SIZE", "1")) > 1):  # set by accelerate launch and torchrun
+            raise PolicyError("routing=sequence through a vLLM server pushes each prompt's weights in turn, which "
+                              "one training process can do, not several; launch one, or use engine=vllm (an "
+                              "engine per process)")
         if self.args.routing == "sequence" and getattr(config, "gradient_checkpointing", False):
             raise PolicyError("routing=sequence with gradient_checkpointing: a recomputed layer would run without "
                               "its sequences' gates; use routing=token or gradient_checkpointing=false")
@@ -172,12 +178,13 @@ class MixturePolicy(RoutedPolicy):
         if any(layer.use_reference for layer in self.layers.values()):
             return None
         self.ensure_centre()
-        ids, mask = left_pad(prompts, 0)  # the mask hides the padding from the first pass
-        device = self.router.centre.device
-        features = prompt_features(self.model, ids.to(device), mask.to(device))
-        gates = self.router(features.repeat_interleave(repeats, 0))[::repeats]
-        self.note_top1(ids, mask, gates)
-        return gates
+        device, out = self.router.centre.device, []
+        for start in range(0, len(prompts), 16):  # the first pass keeps every layer's states: 16 prompts at a time
+            ids, mask = left_pad(prompts[start:start + 16], 0)  # the mask hides the padding from the first pass
+            features = prompt_features(self.model, ids.to(device), mask.to(device))
+            out.append(self.router(features.repeat_interleave(repeats, 0))[::repeats])
+            self.note_top1(ids, mask, out[-1])
+        return torch.cat(out)
 
     def note_top1(self, ids: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor) -> None:
         """Each prompt's top-1 option: kept when it is sampled (no gradient), compared when the update routes it."""
