@@ -64,6 +64,10 @@ class MixtureLinear(SVFLinear):
         keep_fp32([self.experts, *(self.router.parameters() if self.router is not None else ())])
         return self
 
+    def mixed_z(self, gates: torch.Tensor) -> torch.Tensor:
+        """z = 1 + Σₖ gₖ(zₖ − 1) for gates [..., 1 + K] (the base's first, which adds nothing)."""
+        return 1 + gates[..., 1:] @ (self.experts - 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_reference:
             return super().forward(x)
@@ -74,7 +78,7 @@ class MixtureLinear(SVFLinear):
         else:
             gates = rows_of(self.row_gates, x.shape[0])
             gates = gates.view(x.shape[0], *[1] * (x.dim() - 2), gates.shape[-1])
-        z = 1 + gates[..., 1:] @ (self.experts - 1)
+        z = self.mixed_z(gates)
         scaled = (F.linear(x, self.Vh).float() * (self.s.float() * z)).to(x.dtype)
         return F.linear(scaled, self.U, self.bias)
 
@@ -221,8 +225,8 @@ class MixturePolicy(RoutedPolicy):
         gates = self.engine_gates
         if gates is None:
             return {name: torch.ones_like(layer.z.detach()) for name, layer in self.layers.items()}
-        return {name: 1 + gates[1:].to(layer.experts.device).float() @ (layer.experts.detach() - 1)
-                for name, layer in self.layers.items()}
+        with torch.no_grad():
+            return {name: layer.mixed_z(gates.to(layer.experts.device).float()) for name, layer in self.layers.items()}
 
     def engine_weights(self):
         for name, z in self.engine_z().items():
