@@ -54,6 +54,11 @@ class Task:
         JSON (override when rows carry more than the problem)."""
         return json.dumps({k: v for k, v in row.items() if k != "prompt"}, sort_keys=True, default=str)
 
+    def source(self, row: dict) -> str | None:
+        """Which part of the task a row comes from (a mixture of tasks: its source task), for statistics per
+        part; None for a task of one part."""
+        return None
+
     def score(self, completion: str, row: dict) -> float:
         """Held-out metric of one greedy completion, in [0, 1]. Defaults to the first reward function."""
         columns = {k: [v] for k, v in row.items() if k != "prompt"}

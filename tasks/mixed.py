@@ -47,6 +47,9 @@ class MixedTasks(Task):
     def problem(self, row: dict) -> str:
         return f"{row['source']}:{self.sources[row['source']].problem(row['row'])}"
 
+    def source(self, row: dict) -> str:
+        return row["source"]
+
     def score(self, completion: str, row: dict) -> float:
         return self.sources[row["source"]].score(completion, row["row"])
 

@@ -10,7 +10,7 @@ from svf_rl.config import ConfigError, load_config
 from svf_rl.inference.expert import Expert, save_expert
 from svf_rl.policies import make_policy
 from svf_rl.policies.mixture import MixtureLinear
-from svf_rl.policies.routing import Router, routing_metrics
+from svf_rl.policies.routing import Router, routers, routing_metrics
 from svf_rl.policies.svf_layer import apply_svf, load_z, svf_layers
 from svf_rl.svd import model_fingerprint
 from tests.conftest import tiny_llama
@@ -223,6 +223,39 @@ def test_route_agreement_compares_each_update_sequence_with_its_prompts_route_wh
     assert "route_agreement" not in policy.metrics()  # counted once
 
 
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_each_source_tasks_routing_is_what_its_sequences_alone_route(tmp_path, routing):
+    """The update's statistics per source task (route_share/<source>/<option>) are those of that source's
+    sequences forwarded alone, through the shared prompt's forward too (one row per group)."""
+    from svf_rl.loop.logprobs import completion_features, make_token_batch
+
+    model, policy = mixture(expert_files(tmp_path), [[7, 1, 2, 4], [30, 31, 32, 33]], routing=routing)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for router in routers(model):
+            router.weight.normal_(0, 3.0)
+    prompts = [[3, 9, 27, 11], [3, 9, 27, 11], [4, 8, 15, 16], [4, 8, 15, 16], [5, 6, 7, 8], [5, 6, 7, 8]]
+    completions = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15], [16, 17, 18]]
+    sources = ["a", "a", "b", "b", "a", "a"]
+
+    def update(rows, labels=None):
+        batch = make_token_batch([prompts[i] for i in rows], [completions[i] for i in rows], 0)
+        with torch.enable_grad(), policy.step(1, False), policy.sources(labels or [None] * len(rows)):
+            completion_features(model, model, batch, group=2)
+        return routing_metrics(model, policy.labels)
+
+    together = update(range(6), sources)
+    for source, rows in (("a", [0, 1, 4, 5]), ("b", [2, 3])):
+        alone = update(rows)
+        assert together[f"route_entropy/{source}"] == pytest.approx(alone["route_entropy"], abs=1e-6)
+        for label in policy.labels:
+            for kind in ("share", "top1"):
+                assert together[f"route_{kind}/{source}/{label}"] == pytest.approx(alone[f"route_{kind}/{label}"],
+                                                                                  abs=1e-6)
+    assert together["route_share/a/task0"] != pytest.approx(together["route_share/b/task0"], abs=1e-3)
+    assert not any(key.count("/") == 2 for key in update(range(6)))  # no sources, no statistics per source
+
+
 def test_the_balance_terms_gradient_is_switchs_on_the_forwarded_tokens():
     router = Router(6, 3, balance=0.5)
     torch.manual_seed(1)
@@ -303,10 +336,7 @@ def test_two_tasks_each_solved_by_one_expert_are_routed_apart_without_collapse()
     optimiser = torch.optim.Adam(layer.router.parameters(), lr=0.05)
     for _ in range(300):
         task = torch.randint(0, 2, (64,))
-        x = torch.ones(64, d)
-        x[:, 4] = (task == 0).float() * 2
-        x[:, 5] = (task == 1).float() * 2
-        logits = layer(x)[:, :4]
+        logits = layer(x_of(task, d))[:, :4]
         action = torch.distributions.Categorical(logits=logits.detach()).sample()
         reward = (action == task).float()
         logp = logits.log_softmax(-1).gather(1, action[:, None])[:, 0]
@@ -322,6 +352,19 @@ def test_two_tasks_each_solved_by_one_expert_are_routed_apart_without_collapse()
             x[0, 4 + t] = 2
             shares.append(layer.router(x)[0])
     assert shares[0][1] > 0.8 and shares[1][2] > 0.8, shares  # task a → expert a, task b → expert b
+    # What a step's statistics show: each task's share of its own expert, and both experts in use
+    layer.router.row_sources = ["a" if t == 0 else "b" for t in task]
+    layer(x_of(task, d))
+    seen = routing_metrics(layer, ["base", "expert_a", "expert_b"])
+    assert seen["route_top1/a/expert_a"] == 1.0 and seen["route_top1/b/expert_b"] == 1.0
+    assert 0.3 < seen["route_top1/expert_a"] < 0.7 and seen["route_entropy/a"] < 0.5
+
+
+def x_of(task, d):
+    x = torch.ones(len(task), d)
+    x[:, 4] = (task == 0).float() * 2
+    x[:, 5] = (task == 1).float() * 2
+    return x
 
 
 def apply_identity_layer(d):
@@ -439,6 +482,37 @@ def test_a_routed_policy_trains_through_the_loop_and_its_file_loads_and_resumes(
     shares = [scored["routing"]["all"][f"share/{label}"] for label in info["labels"]]
     assert sum(shares) == pytest.approx(1.0) and 0 < scored["routing"]["all"]["entropy"] <= 1.1
     assert main(["eval", str(artefact), "--engine", "vllm", "--size", "4"]) == 2
+
+
+def test_a_mixed_tasks_sources_are_routed_and_reported_apart_each_step(tiny_model_dir, tiny_experts, tmp_path):
+    """Through the loop, a mixed task's sources each get their routing statistics per step."""
+    from svf_rl.loop.train import train
+    from svf_rl.run_files import read_metrics
+    from tests.test_train import TASK_FILE
+
+    task_file = tmp_path / "two_tasks.py"
+    task_file.write_text(TASK_FILE + NO_TASK)
+    sources = f'{{"yes": ["{task_file}:YesTask", {{}}], "no": ["{task_file}:NoTask", {{}}]}}'
+    config = routed_config("mixture-sequence", tiny_model_dir, tmp_path, tiny_experts, steps=2, eval_every=2,
+                           prompts_per_step=4, task="mixed", **{"task_args.sources": sources})
+    train(config)
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    seen = [{source for source in ("yes", "no") if f"route_entropy/{source}" in record} for record in steps]
+    assert len(steps) == 2 and all(seen) and set.union(*seen) == {"yes", "no"}  # those each step drew
+    for record, sources in zip(steps, seen, strict=True):
+        for source in sources:
+            shares = [record[f"route_share/{source}/{label}"] for label in ("base", "t0", "t1")]
+            assert sum(shares) == pytest.approx(1.0) and 0 < record[f"route_entropy/{source}"] <= 1.1
+
+
+NO_TASK = '''
+
+class NoTask(YesTask):
+    name = "no"
+
+    def user_message(self, row):
+        return f"Is {row['question'][3:]} a word?"
+'''
 
 
 def test_hydralora_experts_part_ways_from_their_shared_start():

@@ -27,6 +27,7 @@ class Completion:
     ids: list[int]  # sampled tokens, up to and including the first end-of-sequence token
     text: str
     logprobs: list[float] | None = None  # engine's log-probs of `ids`, when it gives them
+    source: str | None = None  # the part of the task its prompt came from (Task.source), set by the loop
 
 
 class RolloutEngine(Protocol):

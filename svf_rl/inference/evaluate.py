@@ -239,19 +239,20 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     result = {"model": model, "experts": [str(p) for p in experts], "alpha": alpha, "task": task_obj.name,
               "split": split, "n": len(rows), **{k: greedy[k] for k in ("accuracy", "accuracy_low", "accuracy_high")},
               "max_new_tokens": max_new_tokens}
-    if all("source" in row for row in rows):  # a task of several (mixed): each source's own accuracy too
+    sources = [task_obj.source(row) for row in rows]
+    if all(sources):  # a task of several (mixed): each source's own accuracy too
         per_source: dict[str, list[float]] = {}
-        for row, item in zip(rows, greedy["greedy"], strict=True):
-            per_source.setdefault(row["source"], []).append(item["score"])
+        for source, item in zip(sources, greedy["greedy"], strict=True):
+            per_source.setdefault(source, []).append(item["score"])
         result["per_source"] = {k: sum(v) / len(v) for k, v in sorted(per_source.items())}
     prompts = [chat_ids(tokenizer, task_obj.prompt(row)) for row in rows]
     if routed:  # which expert each source's tokens went to: prompt and greedy answer, teacher-forced
         from svf_rl.policies.routing import read_routed, routing_by_group
 
         groups: dict[str, list[tuple[list[int], list[int]]]] = {}
-        for row, ids, item in zip(rows, prompts, greedy["greedy"], strict=True):
+        for source, ids, item in zip(sources, prompts, greedy["greedy"], strict=True):
             answer = tokenizer(item["completion"], add_special_tokens=False).input_ids
-            groups.setdefault(row.get("source", "all"), []).append((ids, answer))
+            groups.setdefault(source or "all", []).append((ids, answer))
         result["routing"] = routing_by_group(model_obj, groups, read_routed(experts[0])[1]["labels"])
     if samples > 0:
         per_call = max(1, batch_size // samples)

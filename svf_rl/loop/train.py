@@ -148,7 +148,7 @@ def train(config: TrainConfig) -> Path:
         while state.step < config.steps and not used:
             step, started = state.step + 1, time.perf_counter()
             rows, conversations = sample_prompts(run, step)  # 1. this rank's share of the step's prompts
-            completions, rollout_time = roll_out(run, conversations, step)  # 2. G completions each
+            completions, rollout_time = roll_out(run, rows, conversations, step)  # 2. G completions each
             rewards, advantage, per_func = score(run, rows, conversations, completions, step, failures)  # 3.
             sampling = {"rollout_s": rollout_time, "sampled_tokens": sum(len(c.ids) for c in completions)}
             if config.max_sampling_rounds > 1:  # 3b. keep groups with signal, draw more (dynamic sampling)
@@ -308,7 +308,8 @@ def sample_prompts(run: Run, step: int, round: int = 1) -> tuple[list[dict], lis
     return rows, [run.task.prompt(row) for row in rows]
 
 
-def roll_out(run: Run, conversations: list[list[dict]], step: int, round: int = 1) -> tuple[list, float]:
+def roll_out(run: Run, rows: list[dict], conversations: list[list[dict]], step: int, round: int = 1
+             ) -> tuple[list, float]:
     config, rank, world = run.config, run.accelerator.process_index, run.accelerator.num_processes
     prompts = [chat_ids(run.tokenizer, messages) for messages in conversations]
     start = time.perf_counter()
@@ -317,6 +318,8 @@ def roll_out(run: Run, conversations: list[list[dict]], step: int, round: int = 
     completions = run.engine.generate(prompts, Sampling(config.generations_per_prompt, config.temperature,
                                                         config.top_p, config.max_new_tokens,
                                                         seeds if config.seeded_rollouts else None))
+    for i, completion in enumerate(completions):  # for the policy's statistics per source task
+        completion.source = run.task.source(rows[i // config.generations_per_prompt])
     return completions, time.perf_counter() - start
 
 
@@ -359,7 +362,7 @@ def informative_groups(run: Run, step: int, completions: list, rewards: torch.Te
             break
         round += 1
         rows, conversations = sample_prompts(run, step, round)
-        completions, seconds = roll_out(run, conversations, step, round)
+        completions, seconds = roll_out(run, rows, conversations, step, round)
         rewards, _, _ = score(run, rows, conversations, completions, step, failures)
         groups = all_groups(run, completions, rewards)
         sampling["rollout_s"] += seconds
@@ -399,6 +402,7 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
     total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
     sequences = int(accelerator.reduce(torch.tensor(len(batch), device=accelerator.device), "sum"))
     engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
+    sources = [c.source for c in completions]
     sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
     sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
     rows_per_micro = max(shared, config.micro_batch_size // shared * shared)
@@ -408,7 +412,8 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
             micro = batch[first:first + rows_per_micro]
             micro_adv = advantage[first:first + rows_per_micro].to(accelerator.device)
             mask = micro.completion_mask
-            features = completion_features(run.update.module, run.model, micro, shared, forward.hidden)
+            with policy.sources(sources[first:first + rows_per_micro]):
+                features = completion_features(run.update.module, run.model, micro, shared, forward.hidden)
             reference = None
             if config.kl_coef > 0:  # the same forward as π_ref
                 with torch.no_grad(), policy.reference():

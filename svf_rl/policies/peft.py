@@ -258,6 +258,9 @@ class PeftPolicy:
     def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0):
         return contextlib.nullcontext()
 
+    def sources(self, sources: list[str | None]):
+        return contextlib.nullcontext()  # nothing kept per source
+
     def regulariser(self) -> torch.Tensor | None:
         """AdaLoRA's orthogonality penalty, w·mean over its P and Q of ‖PPᵀ − I‖_F (‖QᵀQ − I‖_F); added to each
         step's loss once. None for the others."""

@@ -58,7 +58,8 @@ class Router(nn.Module):
         self.step_tokens = 0  # positions the optimiser step forwards (set in its scope); 0: this forward's
         self.layers = 1  # routed layers in the model: the balance term is their mean
         self.loss_scale = 1.0  # what the backend multiplies the loss by (set in the step's scope)
-        self.stats: dict[str, torch.Tensor] = {}
+        self.row_sources: list[str | None] | None = None  # each sequence's source task (set in the update)
+        self.stats: dict[str, torch.Tensor] = {}  # by phase, and "update/<source>"
 
     @property
     def options(self) -> int:
@@ -81,16 +82,32 @@ class Router(nn.Module):
         if 0 < self.top_k < self.options:
             kept = probs.topk(self.top_k, -1).indices
             gates = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
-        self.record(flat, top1, "update" if torch.is_grad_enabled() else "rollout")
+        phase = "update" if torch.is_grad_enabled() else "rollout"
+        self.record(flat, top1, phase, self.sources_of(probs.shape[0] if probs.dim() > 1 else 1))
         return gates
 
+    def sources_of(self, rows: int) -> list[str | None] | None:
+        """The source of each of a forward's rows: one per sequence, or one per group of a prompt's sequences (a
+        shared prompt's forward)."""
+        sources = self.row_sources
+        if not sources or not any(sources) or len(sources) % rows:
+            return None
+        return sources[::len(sources) // rows]
+
     @torch.no_grad()
-    def record(self, probs: torch.Tensor, top1: torch.Tensor, phase: str) -> None:
-        """Sums over positions: gates, top-1 counts, entropy, and the positions themselves."""
+    def record(self, probs: torch.Tensor, top1: torch.Tensor, phase: str, sources: list | None = None) -> None:
+        """Sums over positions of gates, top-1 counts, entropy, and the positions themselves: for the phase, and
+        with `sources` (one per row of positions) for each source too."""
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        new = torch.cat([probs.sum(0), top1.sum(0), entropy.sum()[None], torch.tensor([float(len(probs))],
-                                                                                          device=probs.device)])
-        self.stats[phase] = new if phase not in self.stats else self.stats[phase] + new
+        per_position = torch.cat([probs, top1, entropy[:, None], torch.ones_like(entropy)[:, None]], -1)
+        sums = {phase: per_position.sum(0)}
+        if sources:
+            per_row = per_position.view(len(sources), -1, per_position.shape[-1]).sum(1)
+            for source in set(sources) - {None}:
+                rows = [i for i, s in enumerate(sources) if s == source]
+                sums[f"{phase}/{source}"] = per_row[rows].sum(0)
+        for key, new in sums.items():
+            self.stats[key] = new if key not in self.stats else self.stats[key] + new
 
 
 def keep_fp32(params) -> None:
@@ -113,25 +130,33 @@ def set_step(model: nn.Module, tokens: int, loss_scale: float = 1.0, sequences: 
 
 def routing_metrics(model: nn.Module, labels: list[str]) -> dict[str, float]:
     """Since the last call, over every routed layer: the mean routing entropy (nats), each option's mean gate
-    (`route_share/...`) and share of top-1 choices in the update, the same shares in the rollouts, and the
-    Switch balance term n Σ fₖ Pₖ (1 = uniform). Resets the counts."""
+    (`route_share/...`) and share of top-1 choices in the update, the same for each source task of the update's
+    sequences (`route_share/<source>/...`: a mixed task), the same shares in the rollouts, and the Switch
+    balance term n Σ fₖ Pₖ (1 = uniform). Resets the counts."""
     out: dict[str, float] = {}
     layers = routers(model)
     if not layers:
         return out
     n = layers[0].options
-    for phase, prefix in (("update", "route"), ("rollout", "route_rollout")):
-        sums = [r.stats[phase] for r in layers if phase in r.stats]
+    keys = sorted({key for r in layers for key in r.stats if key.startswith("update/")})
+    for key in ("update", "rollout", *keys):
+        sums = [r.stats[key] for r in layers if key in r.stats]
         if not sums:
             continue
         per_layer = torch.stack(sums)  # [layers, 2n + 2]
         positions = per_layer[:, -1:].clamp_min(1)
         mean_gate, top1 = per_layer[:, :n] / positions, per_layer[:, n:2 * n] / positions
-        out[f"{prefix}_entropy"] = (per_layer[:, 2 * n] / positions[:, 0]).mean().item()
+        entropy = (per_layer[:, 2 * n] / positions[:, 0]).mean().item()
+        if key == "rollout":
+            prefix, suffix = "route_rollout", ""
+        else:
+            prefix, suffix = "route", key.removeprefix("update").replace("/", "", 1)
+        out[f"{prefix}_entropy{'/' + suffix if suffix else ''}"] = entropy
         for k, label in enumerate(labels):
-            out[f"{prefix}_share/{label}"] = mean_gate[:, k].mean().item()
-            out[f"{prefix}_top1/{label}"] = top1[:, k].mean().item()
-        if phase == "update":
+            where = f"{suffix}/{label}" if suffix else label
+            out[f"{prefix}_share/{where}"] = mean_gate[:, k].mean().item()
+            out[f"{prefix}_top1/{where}"] = top1[:, k].mean().item()
+        if key == "update":
             out["route_balance"] = (n * (mean_gate * top1).sum(1)).mean().item()
     for router in layers:
         router.stats.clear()
@@ -219,6 +244,18 @@ class RoutedPolicy:
             yield
         finally:
             set_step(self.model, 0)
+
+    @contextlib.contextmanager
+    def sources(self, sources: list[str | None]):
+        """The routers keep their statistics per source task too (routing_metrics)."""
+        layers = routers(self.model)
+        for router in layers:
+            router.row_sources = sources
+        try:
+            yield
+        finally:
+            for router in layers:
+                router.row_sources = None
 
     def regulariser(self) -> None:
         return None  # the balance term joins through the gates (see above)

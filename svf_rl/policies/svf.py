@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class SVFPolicy:
         """Layers that compose W' do it once per step (W' the rollouts composed already) unless the backend
         needs each backward to reach z itself."""
         return policy_step(self.model, tokens, gather_per_step)
+
+    def sources(self, sources: list[str | None]):
+        return contextlib.nullcontext()  # nothing kept per source
 
     def regulariser(self) -> None:
         return None
