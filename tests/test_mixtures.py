@@ -226,7 +226,8 @@ def test_route_agreement_compares_each_update_sequence_with_its_prompts_route_wh
 @pytest.mark.parametrize("routing", ["token", "sequence"])
 def test_each_source_tasks_routing_is_what_its_sequences_alone_route(tmp_path, routing):
     """The update's statistics per source task (route_share/<source>/<option>) are those of that source's
-    sequences forwarded alone, through the shared prompt's forward too (one row per group)."""
+    sequences forwarded alone, through the shared prompt's forward too (one row per group), whatever padding
+    each batch has."""
     from svf_rl.loop.logprobs import completion_features, make_token_batch
 
     model, policy = mixture(expert_files(tmp_path), [[7, 1, 2, 4], [30, 31, 32, 33]], routing=routing)
@@ -234,8 +235,10 @@ def test_each_source_tasks_routing_is_what_its_sequences_alone_route(tmp_path, r
     with torch.no_grad():
         for router in routers(model):
             router.weight.normal_(0, 3.0)
-    prompts = [[3, 9, 27, 11], [3, 9, 27, 11], [4, 8, 15, 16], [4, 8, 15, 16], [5, 6, 7, 8], [5, 6, 7, 8]]
-    completions = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15], [16, 17, 18]]
+    # Unequal lengths: each batch pads its own way, and only tokens count (the forwards leave out the widest
+    # completion's last token, so each source has one as wide as the widest)
+    prompts = [[3, 9, 27, 11, 2], [3, 9, 27, 11, 2], [4, 8], [4, 8], [5, 6, 7], [5, 6, 7]]
+    completions = [[1, 2, 3], [4, 5], [7], [10, 11, 12, 13, 14], [13, 14], [16, 17, 18, 19, 20]]
     sources = ["a", "a", "b", "b", "a", "a"]
 
     def update(rows, labels=None):
@@ -280,6 +283,66 @@ def test_the_balance_terms_gradient_is_switchs_on_the_forwarded_tokens():
     term = 3 * (share * probs.reshape(-1, 3).mean(0)).sum() * (14 / 28) / 2 * 0.5
     want, = torch.autograd.grad((probs * weights).sum() + term, router.weight)
     assert torch.allclose(router.weight.grad / 4096.0, want, rtol=1e-4, atol=1e-8)
+
+
+def test_padding_is_neither_balanced_nor_counted():
+    """Where the model's forward has padding (its attention mask), the balance term's fₖ, Pₖ and T are the
+    tokens' alone, padding gets no gradient from it, and the statistics count tokens only."""
+    config = load_config(None, ["policy=hydralora", "targets=mlp", "policy_args.experts=3", "policy_args.rank=2",
+                                "policy_args.balance=0.5"])
+    model, policy = tiny_llama(), make_policy(config)
+    policy.attach(model)
+    ids = torch.tensor([[0, 0, 5, 9, 3, 0], [4, 8, 15, 16, 23, 42]])  # row 0: left and right padding
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    layer = next(iter(policy.layers.values()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 1.0)  # real preferences: a near-uniform router's term is flat
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with policy.step(100, False, unpadded=18):  # this forward's 9 tokens are half the step's
+        model(input_ids=ids, attention_mask=mask).logits.sum().mul(0).backward()
+    hook.remove()
+    router, keep = layer.router, mask.reshape(-1).bool()
+    got = router.weight.grad.clone()
+    probs = F.linear(seen[0].float(), router.weight, router.bias).softmax(-1).reshape(-1, 3)[keep]
+    share = F.one_hot(probs.argmax(-1), 3).float().mean(0)
+    term = 0.5 * 3 * (share * probs.mean(0)).sum() * (9 / 18) / len(policy.layers)
+    want, = torch.autograd.grad(term, router.weight)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-9) and want.abs().max() > 1e-6
+    router.stats.clear()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        probs = F.linear(seen[0].float(), router.weight, router.bias).softmax(-1).reshape(-1, 3)[keep]
+    counted = router.stats["rollout"]
+    assert counted[-1] == 9 and torch.allclose(counted[:3], probs.sum(0), atol=1e-5)
+    assert torch.allclose(counted[3:6], F.one_hot(probs.argmax(-1), 3).float().sum(0))
+
+
+def test_a_checkpointed_routed_layer_recomputes_with_its_own_forwards_padding():
+    """Gradient checkpointing recomputes each layer in the backward, after other forwards (π_ref's, a shared
+    prompt's) have run: the balance term must still see the padding of the forward it recomputes."""
+    import copy
+
+    from svf_rl.loop.logprobs import checkpoint_layers, completion_features, make_token_batch, update_tokens
+
+    config = load_config(None, ["policy=hydralora", "targets=mlp", "policy_args.experts=3", "policy_args.rank=2",
+                                "policy_args.balance=5.0"])
+    batch = make_token_batch([[3, 9, 27, 11, 2]] * 2 + [[4, 8]] * 2, [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]], 0)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model, policy = tiny_llama(), make_policy(config)
+        policy.attach(model)
+        if checkpointed:
+            checkpoint_layers(model)
+        with policy.step(update_tokens(batch, 2), False, unpadded=update_tokens(batch, 2, padding=False)):
+            features = completion_features(model, model, batch, group=2)
+            with torch.no_grad(), policy.reference():
+                completion_features(model, model, copy.deepcopy(batch)[:2], group=2)  # other shapes last
+            (features * batch.completion_mask[..., None]).sum().mul(1e-3).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
 def test_top_k_keeps_the_k_largest_gates_and_their_gradient():

@@ -93,6 +93,10 @@ def test_a_shared_prompt_runs_fewer_tokens():
     P, C = batch.prompt_width, batch.completion_ids.shape[1]
     assert update_tokens(batch, 1) == 12 * (P + C)
     assert update_tokens(batch, G) == 3 * P + 12 * (C - 1)
+    # Without padding: every prompt and completion token; shared, each prompt once and no completion's token in
+    # the widest one's last column (it predicts nothing)
+    assert update_tokens(batch, 1, padding=False) == 4 * (7 + 12 + 4) + 72
+    assert update_tokens(batch, G, padding=False) == (7 + 12 + 4) + 72 - 4
 
 
 def test_rows_that_are_not_groups_of_one_prompt_are_refused():

@@ -165,8 +165,13 @@ def plan_forward(model, shared_prefix: bool = True) -> ForwardPlan:
     return ForwardPlan(shared, hidden, head_of(model) if hidden else None)
 
 
-def update_tokens(batch: TokenBatch, group: int = 1) -> int:
-    """Token positions that the update's forwards run over, padding included."""
+def update_tokens(batch: TokenBatch, group: int = 1, padding: bool = True) -> int:
+    """Token positions that the update's forwards run over, padding included unless `padding` is False."""
+    if not padding:
+        mask, prompt = batch.attention_mask, batch.prompt_width
+        if group == 1:
+            return int(mask.sum())
+        return int(mask[::group, :prompt].sum() + mask[:, prompt:-1].sum())
     if group == 1:
         return batch.input_ids.numel()
     return len(batch) // group * batch.prompt_width + len(batch) * (batch.completion_ids.shape[1] - 1)

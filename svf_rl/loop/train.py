@@ -407,7 +407,8 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
     sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
     rows_per_micro = max(shared, config.micro_batch_size // shared * shared)
     run.update_tokens = update_tokens(batch, shared)
-    with policy.step(run.update_tokens, run.update.gradients_at_step_end, run.update.loss_multiplier, len(batch)):
+    with policy.step(run.update_tokens, run.update.gradients_at_step_end, run.update.loss_multiplier, len(batch),
+                     update_tokens(batch, shared, padding=False)):
         for first in range(0, len(batch), rows_per_micro):
             micro = batch[first:first + rows_per_micro]
             micro_adv = advantage[first:first + rows_per_micro].to(accelerator.device)

@@ -41,10 +41,10 @@ class Policy(typing.Protocol):
     def reference(self) -> AbstractContextManager:
         """Forwards inside run as π_ref, the base model, without a second copy of it."""
 
-    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0,
-             sequences: int = 0) -> AbstractContextManager:
-        """The scope of one optimiser step's forwards and backwards over `tokens` positions of `sequences`
-        completions (this rank's). `loss_scale`: what the
+    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0,
+             unpadded: int = 0) -> AbstractContextManager:
+        """The scope of one optimiser step's forwards and backwards over `tokens` positions (`unpadded` of them
+        not padding) of `sequences` completions (this rank's). `loss_scale`: what the
         backend multiplies the loss by before its backward (fp16's loss scale; DeepSpeed's rank count, as it
         averages): a gradient the policy adds itself must be multiplied alike."""
 

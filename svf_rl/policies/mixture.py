@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svf_rl.policies.base import PolicyError, check_args
-from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32
+from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32, watch_positions
 from svf_rl.policies.svf_layer import SVFLinear, apply_svf, reference_mode, svf_layers
 
 
@@ -158,6 +158,7 @@ class MixturePolicy(RoutedPolicy):
             model.add_module(SEQUENCE_ROUTER, self.router.to(next(iter(layers.values())).s.device))
             model.route_rows = self.rows  # the engines' and the update's first pass (logprobs.prompt_rows)
         self.model, self.layers = model, svf_layers(model)
+        watch_positions(model)
 
     def routes(self, config) -> str:
         if config.policy_args.get("routing") == "sequence":

@@ -255,7 +255,8 @@ class PeftPolicy:
     def reference(self):
         return self.peft.disable_adapter()
 
-    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0):
+    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0,
+             unpadded: int = 0):
         return contextlib.nullcontext()
 
     def sources(self, sources: list[str | None]):

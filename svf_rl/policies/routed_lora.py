@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svf_rl.policies.base import check_args
-from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32
+from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32, watch_positions
 from svf_rl.targets import find_targets
 
 
@@ -95,6 +95,7 @@ class RoutedLoraPolicy(RoutedPolicy):
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         self.model = model
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, RoutedLoraLinear)}
+        watch_positions(model)
 
     @contextlib.contextmanager
     def reference(self):

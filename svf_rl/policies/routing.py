@@ -10,9 +10,11 @@ them equal gates and equal gradients, and with HydraLoRA's shared A they would s
 router, like nn.Linear's default, breaks that symmetry as HydraLoRA's and MoLoRA's own code does).
 
 The load-balancing term is Switch Transformer's, per layer and forward: n · Σₖ fₖ Pₖ over that forward's
-positions, where fₖ is the share of them whose largest probability is option k (no gradient) and Pₖ the mean
-probability (before top-k); it is 1 when routing is uniform. Each forward's term is weighted by its share of the
-step's positions and the layers are averaged, so a step adds up to a token-weighted mean (per rank under DDP,
+tokens, where fₖ is the share of them whose largest probability is option k (no gradient) and Pₖ the mean
+probability (before top-k); it is 1 when routing is uniform. Padding is not a token: the model's attention
+mask tells the routers which positions are (watch_positions), and padding gets no gradient from the term and
+no count in the statistics. Each forward's term is weighted by its share of the step's tokens and the layers
+are averaged, so a step adds up to a token-weighted mean (per rank under DDP,
 as Switch computes it per device). Its gradient joins the loss's through the probabilities themselves (a
 pass-through whose backward adds it, multiplied as the backend multiplies the loss: fp16's loss scale,
 DeepSpeed's rank count). fₖ is per forward, so the term depends on how the step is split into forwards
@@ -59,6 +61,7 @@ class Router(nn.Module):
         self.layers = 1  # routed layers in the model: the balance term is their mean
         self.loss_scale = 1.0  # what the backend multiplies the loss by (set in the step's scope)
         self.row_sources: list[str | None] | None = None  # each sequence's source task (set in the update)
+        self.positions: dict[tuple, torch.Tensor | None] = {}  # the model's forwards' masks (watch_positions)
         self.stats: dict[str, torch.Tensor] = {}  # by phase, and "update/<source>"
 
     @property
@@ -70,21 +73,32 @@ class Router(nn.Module):
         probs = F.linear(x.float(), self.weight.float(), self.bias.float()).softmax(-1)
         flat = probs.detach().reshape(-1, self.options)
         top1 = F.one_hot(flat.argmax(-1), self.options).float()
+        tokens = self.tokens_of(probs.shape[:-1])  # [positions] 1 at a token, 0 at padding
         if self.balance > 0 and torch.is_grad_enabled() and self.weight.requires_grad:
-            tokens = flat.shape[0]
-            share = top1.mean(0)  # fₖ
+            count = tokens.sum().clamp_min(1)
+            share = (top1 * tokens[:, None]).sum(0) / count  # fₖ
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            # ∂(n Σ fₖ Pₖ)/∂probs[t, k] = n fₖ / T; the step's T and the layer mean, summed over ranks
+            # ∂(n Σ fₖ Pₖ)/∂probs[t, k] = n fₖ / T at each token t; the step's T and the layer mean, summed over ranks
             scale = (self.balance * self.loss_scale * self.options
-                     / (max(self.step_tokens, tokens) * self.layers * world))
-            probs = _AddGradient.apply(probs, (scale * share).expand_as(probs).contiguous())
+                     / (max(self.step_tokens, int(count)) * self.layers * world))
+            extra = (scale * share * tokens[:, None]).view_as(probs)
+            probs = _AddGradient.apply(probs, extra)
         gates = probs
         if 0 < self.top_k < self.options:
             kept = probs.topk(self.top_k, -1).indices
             gates = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
         phase = "update" if torch.is_grad_enabled() else "rollout"
-        self.record(flat, top1, phase, self.sources_of(probs.shape[0] if probs.dim() > 1 else 1))
+        rows = probs.shape[0] if probs.dim() > 1 else 1
+        self.record(flat, top1, tokens, phase, self.sources_of(rows))
         return gates
+
+    def tokens_of(self, shape: torch.Size) -> torch.Tensor:
+        """[positions]: 1 where a position of this shape is a token, 0 where it is padding, from the attention mask
+        of the model's forward of that shape (all 1 without one, and for a router of whole sequences)."""
+        mask = None if self.per_sequence else self.positions.get(tuple(shape))
+        if mask is None:
+            return torch.ones(shape.numel(), device=self.weight.device)
+        return mask.reshape(-1).to(self.weight.device, torch.float32)
 
     def sources_of(self, rows: int) -> list[str | None] | None:
         """The source of each of a forward's rows: one per sequence, or one per group of a prompt's sequences (a
@@ -95,11 +109,13 @@ class Router(nn.Module):
         return sources[::len(sources) // rows]
 
     @torch.no_grad()
-    def record(self, probs: torch.Tensor, top1: torch.Tensor, phase: str, sources: list | None = None) -> None:
-        """Sums over positions of gates, top-1 counts, entropy, and the positions themselves: for the phase, and
-        with `sources` (one per row of positions) for each source too."""
+    def record(self, probs: torch.Tensor, top1: torch.Tensor, tokens: torch.Tensor, phase: str,
+               sources: list | None = None) -> None:
+        """Sums over the tokens (`tokens`: 1, or 0 at padding) of gates, top-1 counts, entropy, and the tokens
+        themselves: for the phase, and with `sources` (one per row of positions) for each source too."""
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         per_position = torch.cat([probs, top1, entropy[:, None], torch.ones_like(entropy)[:, None]], -1)
+        per_position = per_position * tokens[:, None]
         sums = {phase: per_position.sum(0)}
         if sources:
             per_row = per_position.view(len(sources), -1, per_position.shape[-1]).sum(1)
@@ -108,6 +124,28 @@ class Router(nn.Module):
                 sums[f"{phase}/{source}"] = per_row[rows].sum(0)
         for key, new in sums.items():
             self.stats[key] = new if key not in self.stats else self.stats[key] + new
+
+
+def watch_positions(model: nn.Module) -> None:
+    """The routers of `model` learn which positions of each forward are tokens, from the attention mask it is
+    called with (the last `len` columns: a cached forward's mask covers the past too). Kept per input shape, so
+    that a checkpointed layer recomputed in the backward finds its forward's mask."""
+    table: dict[tuple, torch.Tensor | None] = {}
+
+    def note(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("inputs_embeds") if ids is None else ids
+        if ids is None or ids.dim() < 2:
+            return
+        shape, mask = tuple(ids.shape[:2]), kwargs.get("attention_mask")
+        table.pop(shape, None)
+        table[shape] = mask[:, -shape[1]:].detach() if mask is not None and mask.dim() == 2 else None
+        while len(table) > 8:  # the last forwards' shapes
+            table.pop(next(iter(table)))
+
+    for router in routers(model):
+        router.positions = table
+    model.register_forward_pre_hook(note, with_kwargs=True)
 
 
 def keep_fp32(params) -> None:
@@ -236,10 +274,11 @@ class RoutedPolicy:
                 params[name].copy_(value)
 
     @contextlib.contextmanager
-    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0):
-        """The balance term is scaled by the step's token positions, or its sequences for a router that routes
-        whole sequences (each micro-batch adds its share)."""
-        set_step(self.model, tokens, loss_scale, sequences)
+    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0,
+             unpadded: int = 0):
+        """The balance term is scaled by the step's tokens (padding excluded), or its sequences for a router that
+        routes whole sequences (each micro-batch adds its share)."""
+        set_step(self.model, unpadded or tokens, loss_scale, sequences)
         try:
             yield
         finally:

@@ -63,7 +63,8 @@ class SVFPolicy:
     def reference(self):
         return reference_mode(self.model)
 
-    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0):
+    def step(self, tokens: int, gather_per_step: bool, loss_scale: float = 1.0, sequences: int = 0,
+             unpadded: int = 0):
         """Layers that compose W' do it once per step (W' the rollouts composed already) unless the backend
         needs each backward to reach z itself."""
         return policy_step(self.model, tokens, gather_per_step)
