@@ -50,14 +50,16 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated configuration numbers (1-based) to run")
     parser.add_argument("--out", default="benchmarks/mixtures")
     args = parser.parse_args()
-    missing = [path for path in EXPERTS if not Path(path).is_file()]
-    if missing:
-        raise SystemExit(f"{missing[0]} is missing: train the experts first (launch/experts/*.yaml)")
     out = Path(args.out)
     kept = json.loads((out / "results.json").read_text())["rows"] if (out / "results.json").is_file() else []
-    experts = {Path(p).parent.name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in EXPERTS}
     rows = []
     chosen = [int(k) - 1 for k in args.only.split(",")] if args.only else range(len(CONFIGURATIONS))
+    with_experts = any(EXPERTS[0] in " ".join(o) for n, o in enumerate(CONFIGURATIONS.values()) if n in chosen)
+    missing = [path for path in EXPERTS if not Path(path).is_file()] if with_experts else []
+    if missing:
+        raise SystemExit(f"{missing[0]} is missing: train the experts first (launch/experts/*.yaml)")
+    experts = {Path(p).parent.name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in EXPERTS
+               if Path(p).is_file()}
     for number, (label, overrides) in enumerate(CONFIGURATIONS.items()):
         if number not in chosen:
             continue
