@@ -458,7 +458,7 @@ def test_the_router_strategy_answers_as_the_trained_sequence_mixture_does(sharp_
         "arith", "gcd"} and result["first_pass_tokens"] > 0
     assert all(sum(g) == pytest.approx(1.0) for g in result["mean_gates"].values())
     # Its first pass and second are the mixture's own: the file's routed model, greedy, on the same prompts
-    model, tokenizer = routed_model(mix, sharp_model_dir)
+    model, tokenizer, _ = routed_model(mix, sharp_model_dir)
     first = read_router(mix, {"arith": Path(a), "gcd": Path(b)}, load_expert(a).base_fingerprint).router
     assert first.centre.any() and torch.equal(first.centre, model.sequence_router.centre)
     items = mixture({"arith": load_task("arithmetic", {}), "gcd": load_task(*GCD)}, "test", 3, 0)

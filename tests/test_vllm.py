@@ -378,7 +378,19 @@ def test_a_sequence_routed_mixture_trains_through_a_vllm_server_whose_log_probs_
     assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
     assert all(0 < s["route_rollout_entropy"] < math.log(3) for s in steps[1:])  # the router moved off uniform
     assert all(s["route_agreement"] == 1.0 for s in steps)  # each update sequence routed as it was sampled
-    assert (Path(config.output_dir) / "mixture.safetensors").is_file()
+    # `svf-rl eval --engine vllm` of the file generates each prompt at its own route, as the HF engine does (in a
+    # process of its own: vLLM keeps a process group per process)
+    artefact, scored = str(Path(config.output_dir) / "mixture.safetensors"), {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"eval_{engine}.json"
+        result = subprocess.run([sys.executable, "-m", "svf_rl", "eval", artefact, "--engine", engine, "--size", "6",
+                                 "--max-new-tokens", "8", "--output", str(out)], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scored[engine] = json.loads(out.read_text())
+    assert [g["completion"] for g in scored["vllm"]["greedy"]] == [g["completion"] for g in scored["hf"]["greedy"]]
+    assert scored["vllm"]["accuracy"] == scored["hf"]["accuracy"]
 
 
 LORA_SERVE = """

@@ -154,13 +154,16 @@ class ModelWeights:
             yield f"{name}.weight", self.model.get_submodule(name).weight
 
 
-def inference_engine(kind: str, model, tokenizer, model_id: str, seed: int = 0, merged: list[str] = ()):
-    """The model on the GPU if there is one, and its engine: HF generate or a colocated vLLM."""
+def inference_engine(kind: str, model, tokenizer, model_id: str, seed: int = 0, merged: list[str] = (),
+                     routed=None):
+    """The model on the GPU if there is one, and its engine: HF generate or a colocated vLLM. `routed`: the
+    routed policy attached to the model; a sequence router's vLLM engine generates each prompt at its own weights."""
     from svf_rl.engines.hf import make_engine
 
     if torch.cuda.is_available():
         model.to("cuda")
-    return make_engine(kind, model, tokenizer, ModelWeights(model, merged),
+    weights = routed if getattr(routed, "per_prompt", False) else ModelWeights(model, merged)
+    return make_engine(kind, model, tokenizer, weights,
                        model_path=resolve_model_path(model_id) if kind == "vllm" else "", seed=seed)
 
 
@@ -208,14 +211,14 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     loads."""
     model, task, task_args = eval_target(list(experts), model, task, task_args)
     from svf_rl.inference.adapters import is_adapter_dir, merged_model
-    from svf_rl.policies.routing import is_routed_file, routed_model
+    from svf_rl.policies.routing import check_routed_engine, is_routed_file, routed_model
 
     adapter = bool(experts) and is_adapter_dir(experts[0])
     routed = bool(experts) and is_routed_file(experts[0])
     if (adapter or routed) and alpha is not None:
         raise ValueError("--alpha weighs SVF experts; a PEFT adapter or routed policy is scored as it is")
-    if routed and engine != "hf":
-        raise ValueError(f"{experts[0]} is a routed policy, which eval scores with --engine hf")
+    if routed:
+        check_routed_engine(experts[0], engine)
     check_mixing(mixing)
     loaded = [] if adapter or routed else [load_expert(path) for path in experts]
     check_evaluation(loaded, [str(p) for p in experts], alpha, split, size, max_new_tokens, samples, temperature,
@@ -227,14 +230,15 @@ def evaluate(model: str | None, task: str | None, experts: list[str] = (), alpha
     rows = unique_rows(task_obj, task_obj.rows(split, size, seed), split)
     if not rows:
         raise TaskError(f"task {task_obj.name}: the {split} split holds no problems")
+    policy = None  # a routed file's
     if adapter:
         (model_obj, tokenizer, merged), expert = merged_model(experts[0], model, dtype), None
     elif routed:
-        (model_obj, tokenizer), expert, merged = routed_model(experts[0], model, dtype), None, []
+        (model_obj, tokenizer, policy), expert, merged = routed_model(experts[0], model, dtype), None, []
     else:
         (model_obj, tokenizer, expert), merged = model_with_experts(model, loaded, alpha, dtype,
                                                                     [str(p) for p in experts], mixing), []
-    rollouts = inference_engine(engine, model_obj, tokenizer, model, seed, merged)
+    rollouts = inference_engine(engine, model_obj, tokenizer, model, seed, merged, policy)
     greedy = greedy_accuracy(task_obj, rows, tokenizer, rollouts, max_new_tokens, batch_size)
     result = {"model": model, "experts": [str(p) for p in experts], "alpha": alpha, "task": task_obj.name,
               "split": split, "n": len(rows), **{k: greedy[k] for k in ("accuracy", "accuracy_low", "accuracy_high")},

@@ -165,7 +165,8 @@ class MixturePolicy(RoutedPolicy):
             return "routes each sequence by a first pass over its prompt"
         return super().routes(config)
 
-    def runs_on_vllm(self, config) -> bool:
+    @classmethod
+    def runs_on_vllm(cls, config) -> bool:
         return config.policy_args.get("routing") == "sequence"  # a prompt's weights are an SVF expert's
 
     @property

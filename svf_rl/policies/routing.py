@@ -75,12 +75,12 @@ class Router(nn.Module):
         top1 = F.one_hot(flat.argmax(-1), self.options).float()
         tokens = self.tokens_of(probs.shape[:-1])  # [positions] 1 at a token, 0 at padding
         if self.balance > 0 and torch.is_grad_enabled() and self.weight.requires_grad:
-            count = tokens.sum().clamp_min(1)
+            count = tokens.sum().clamp_min(1)  # a tensor: no device sync
             share = (top1 * tokens[:, None]).sum(0) / count  # fₖ
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             # ∂(n Σ fₖ Pₖ)/∂probs[t, k] = n fₖ / T at each token t; the step's T and the layer mean, summed over ranks
             scale = (self.balance * self.loss_scale * self.options
-                     / (max(self.step_tokens, int(count)) * self.layers * world))
+                     / (count.clamp_min(self.step_tokens) * self.layers * world))
             extra = (scale * share * tokens[:, None]).view_as(probs)
             probs = _AddGradient.apply(probs, extra)
         gates = probs
@@ -119,7 +119,7 @@ class Router(nn.Module):
         sums = {phase: per_position.sum(0)}
         if sources:
             per_row = per_position.view(len(sources), -1, per_position.shape[-1]).sum(1)
-            for source in set(sources) - {None}:
+            for source in {s for s in sources if s}:
                 rows = [i for i, s in enumerate(sources) if s == source]
                 sums[f"{phase}/{source}"] = per_row[rows].sum(0)
         for key, new in sums.items():
@@ -138,8 +138,9 @@ def watch_positions(model: nn.Module) -> None:
         if ids is None or ids.dim() < 2:
             return
         shape, mask = tuple(ids.shape[:2]), kwargs.get("attention_mask")
-        table.pop(shape, None)
-        table[shape] = mask[:, -shape[1]:].detach() if mask is not None and mask.dim() == 2 else None
+        table.pop(shape, None)  # a mask that is not [rows, ≥ len] (none, 4-D, a dict of them): every position counts
+        plain = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= shape[1]
+        table[shape] = mask[:, -shape[1]:].detach() if plain else None
         while len(table) > 8:  # the last forwards' shapes
             table.pop(next(iter(table)))
 
@@ -225,7 +226,8 @@ class RoutedPolicy:
     def routes(self, config) -> str:
         return "routes each token inside its layers"
 
-    def runs_on_vllm(self, config) -> bool:
+    @classmethod
+    def runs_on_vllm(cls, config) -> bool:
         """Whether vLLM engines can generate from it: only weights fixed for a whole sequence can be pushed."""
         return False
 
@@ -420,8 +422,8 @@ def is_routed_file(path) -> bool:
 
 
 def routed_model(path, model_id: str, dtype: str = "auto"):
-    """(model, tokenizer): the base model with the routed policy of `path` attached and loaded, from the file alone
-    (a mixture's experts are in it), after checking the base weights are the ones it was trained on."""
+    """(model, tokenizer, policy): the base model with the routed policy of `path` attached and loaded, from the
+    file alone (a mixture's experts are in it), after checking the base weights are the ones it was trained on."""
     from types import SimpleNamespace
 
     from svf_rl.inference.evaluate import load_model
@@ -443,7 +445,20 @@ def routed_model(path, model_id: str, dtype: str = "auto"):
     policy.load_tensors(tensors, path)
     for param in model.parameters():
         param.requires_grad_(False)
-    return model, tokenizer
+    return model, tokenizer, policy
+
+
+def check_routed_engine(path, engine: str) -> None:
+    """One line if the routed policy of `path` cannot generate on `engine` (vLLM: only a sequence router)."""
+    from types import SimpleNamespace
+
+    from svf_rl.policies import policy_class
+
+    info = read_routed(path)[1]
+    config = SimpleNamespace(policy=info["policy"], policy_args=info["policy_args"], engine=engine)
+    if engine != "hf" and not policy_class(info["policy"]).runs_on_vllm(config):
+        raise ValueError(f"{path} is a {info['policy']} policy that routes each token inside its layers, which "
+                         f"vLLM does not run; score it with --engine hf")
 
 
 @torch.no_grad()
