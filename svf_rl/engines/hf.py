@@ -28,6 +28,8 @@ class Completion:
     text: str
     logprobs: list[float] | None = None  # engine's log-probs of `ids`, when it gives them
     source: str | None = None  # the part of the task its prompt came from (Task.source), set by the loop
+    routes: torch.Tensor | None = None  # [token routers, prompt + completion but its last token]: each fed token's
+    # top-1 option while sampled (a policy routing tokens, HF engine), which the update compares with its own
 
 
 class RolloutEngine(Protocol):
@@ -117,6 +119,13 @@ def prompt_rows(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
     routes each sequence by its prompt (`route_rows`, a mixture's first pass) sets their gates; others ignore it."""
     route = getattr(model, "route_rows", None)
     return route(ids, mask, repeats) if route is not None else contextlib.nullcontext()
+
+
+def kept_routes(model):
+    """Generation inside keeps where a model that routes each token (`keep_routes`) sent each token it fed; yields
+    routes(row, length) → the first `length` tokens' routes of that row (None for other models)."""
+    keep = getattr(model, "keep_routes", None)
+    return keep() if keep is not None else contextlib.nullcontext(lambda row, length: None)
 
 
 class RolloutDistribution(LogitsProcessor):
@@ -222,7 +231,8 @@ class HFEngine:
                                    **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
         ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         shared = {}
-        with prompt_rows(self.model, ids, mask, sampling.n):  # a model routing each sequence by its prompt reads it
+        # a model routing each sequence by its prompt reads it; one routing each token keeps where it sent them
+        with prompt_rows(self.model, ids, mask, sampling.n), kept_routes(self.model) as routes:
             if share_prompts and sampling.n > 1 and ids.shape[1] > 1:  # each prompt's keys and values once, for n
                 shared["past_key_values"] = self._prefill(ids[:, :-1], mask[:, :-1], sampling.n)
                 ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
@@ -238,6 +248,7 @@ class HFEngine:
             end = next((i + 1 for i, token in enumerate(sequence) if token in self.eos_ids), len(sequence))
             tokens = sequence[:end]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            completions.append(Completion(prompts[row // sampling.n], tokens, text,
-                                          logprobs[row][:end] if logprobs else None))
+            prompt = prompts[row // sampling.n]
+            completions.append(Completion(prompt, tokens, text, logprobs[row][:end] if logprobs else None,
+                                          routes=routes(row, len(prompt) + end - 1)))
         return completions

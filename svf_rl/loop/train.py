@@ -402,7 +402,6 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
     total_tokens = max(1, int(accelerator.reduce(batch.completion_mask.sum(), "sum")))
     sequences = int(accelerator.reduce(torch.tensor(len(batch), device=accelerator.device), "sum"))
     engine_logp = pad_logprobs([c.logprobs for c in completions], batch.completion_ids.shape[1])
-    sources = [c.source for c in completions]
     sums = torch.zeros(3, device=accelerator.device)  # loss, kl, entropy
     sampler_gap = torch.zeros(1, device=accelerator.device)  # max |log π_trainer − log π_engine|
     rows_per_micro = max(shared, config.micro_batch_size // shared * shared)
@@ -413,7 +412,7 @@ def update_policy(run: Run, completions: list, advantage: torch.Tensor) -> tuple
             micro = batch[first:first + rows_per_micro]
             micro_adv = advantage[first:first + rows_per_micro].to(accelerator.device)
             mask = micro.completion_mask
-            with policy.sources(sources[first:first + rows_per_micro]):
+            with policy.sequences(completions[first:first + rows_per_micro]):
                 features = completion_features(run.update.module, run.model, micro, shared, forward.hidden)
             reference = None
             if config.kl_coef > 0:  # the same forward as π_ref

@@ -48,9 +48,9 @@ class Policy(typing.Protocol):
         backend multiplies the loss by before its backward (fp16's loss scale; DeepSpeed's rank count, as it
         averages): a gradient the policy adds itself must be multiplied alike."""
 
-    def sources(self, sources: list[str | None]) -> AbstractContextManager:
-        """Forwards inside run these sequences, each from the task's part `sources` names (Task.source): for
-        statistics per part."""
+    def sequences(self, completions: list) -> AbstractContextManager:
+        """Forwards inside run these completions (engines.hf.Completion): for statistics per source task
+        (`source`) and against how they were sampled (`routes`)."""
 
     def regulariser(self) -> torch.Tensor | None:
         """A penalty on the parameters themselves, added once to each step's loss (AdaLoRA's orthogonality)."""

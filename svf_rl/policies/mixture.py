@@ -13,6 +13,7 @@ is the base model (z = 1).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svf_rl.policies.base import PolicyError, check_args
-from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32, watch_positions
+from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32, keep_routes, watch_positions
 from svf_rl.policies.svf_layer import SVFLinear, apply_svf, reference_mode, svf_layers
 
 
@@ -157,6 +158,8 @@ class MixturePolicy(RoutedPolicy):
             self.router.centred = False
             model.add_module(SEQUENCE_ROUTER, self.router.to(next(iter(layers.values())).s.device))
             model.route_rows = self.rows  # the engines' and the update's first pass (logprobs.prompt_rows)
+        else:  # the HF engine keeps each sampled token's routes (engines.hf.kept_routes)
+            model.keep_routes = functools.partial(keep_routes, model)
         self.model, self.layers = model, svf_layers(model)
         watch_positions(model)
 

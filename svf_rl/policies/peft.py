@@ -259,8 +259,8 @@ class PeftPolicy:
              unpadded: int = 0):
         return contextlib.nullcontext()
 
-    def sources(self, sources: list[str | None]):
-        return contextlib.nullcontext()  # nothing kept per source
+    def sequences(self, completions: list):
+        return contextlib.nullcontext()  # nothing kept per sequence
 
     def regulariser(self) -> torch.Tensor | None:
         """AdaLoRA's orthogonality penalty, w·mean over its P and Q of ‖PPᵀ − I‖_F (‖QᵀQ − I‖_F); added to each

@@ -13,6 +13,7 @@ thin matmuls over the stacked experts: A x for all of them at once, then [B‚ÇÅ ‚
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svf_rl.policies.base import check_args
-from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32, watch_positions
+from svf_rl.policies.routing import RoutedPolicy, Router, keep_fp32, keep_routes, watch_positions
 from svf_rl.targets import find_targets
 
 
@@ -96,6 +97,7 @@ class RoutedLoraPolicy(RoutedPolicy):
         self.model = model
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, RoutedLoraLinear)}
         watch_positions(model)
+        model.keep_routes = functools.partial(keep_routes, model)  # the HF engine keeps each sampled token's routes
 
     @contextlib.contextmanager
     def reference(self):

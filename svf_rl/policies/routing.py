@@ -61,6 +61,8 @@ class Router(nn.Module):
         self.layers = 1  # routed layers in the model: the balance term is their mean
         self.loss_scale = 1.0  # what the backend multiplies the loss by (set in the step's scope)
         self.row_sources: list[str | None] | None = None  # each sequence's source task (set in the update)
+        self.row_routes: tuple[torch.Tensor, torch.Tensor] | None = None  # its rollout routes (set in the update)
+        self.kept: list | None = None  # each forward's top-1 options and tokens while generating (keep_routes)
         self.positions: dict[tuple, torch.Tensor | None] = {}  # the model's forwards' masks (watch_positions)
         self.stats: dict[str, torch.Tensor] = {}  # by phase, and "update/<source>"
 
@@ -72,7 +74,8 @@ class Router(nn.Module):
         """[..., options] fp32 gates for each position of x [..., in]."""
         probs = F.linear(x.float(), self.weight.float(), self.bias.float()).softmax(-1)
         flat = probs.detach().reshape(-1, self.options)
-        top1 = F.one_hot(flat.argmax(-1), self.options).float()
+        choice = flat.argmax(-1)
+        top1 = F.one_hot(choice, self.options).float()
         tokens = self.tokens_of(probs.shape[:-1])  # [positions] 1 at a token, 0 at padding
         if self.balance > 0 and torch.is_grad_enabled() and self.weight.requires_grad:
             count = tokens.sum().clamp_min(1)  # a tensor: no device sync
@@ -90,6 +93,10 @@ class Router(nn.Module):
         phase = "update" if torch.is_grad_enabled() else "rollout"
         rows = probs.shape[0] if probs.dim() > 1 else 1
         self.record(flat, top1, tokens, phase, self.sources_of(rows))
+        if self.kept is not None and phase == "rollout":
+            self.kept.append((choice.view(rows, -1).to(torch.uint8), tokens.view(rows, -1)))
+        if self.row_routes is not None and phase == "update":
+            self.compare(choice.view(rows, -1), tokens.view(rows, -1))
         return gates
 
     def tokens_of(self, shape: torch.Size) -> torch.Tensor:
@@ -107,6 +114,27 @@ class Router(nn.Module):
         if not sources or not any(sources) or len(sources) % rows:
             return None
         return sources[::len(sources) // rows]
+
+    @torch.no_grad()
+    def compare(self, choice: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Counts the tokens of this update forward ([rows, positions]) whose top-1 option is the one they had when
+        sampled. A forward's rows are its sequences, or one per group of them (a shared prompt's forward); a row's
+        tokens are its prompt's then its completion's, or its completion's alone (the shared prompt's completion
+        forward: as many tokens as the completion at most)."""
+        routes, prompts = self.row_routes  # [sequences, fed tokens] (-1 past the end), [sequences]
+        rows = choice.shape[0]
+        if routes.shape[0] % rows:
+            return
+        step = routes.shape[0] // rows
+        routes, prompts = routes[::step], prompts[::step]
+        fed = (routes >= 0).sum(1)  # the prompt's tokens and the completion's but its last
+        order = (tokens.cumsum(1) - 1).long()  # each position's place among its row's tokens
+        completion_only = (tokens.sum(1) <= fed - prompts + 1) if step == 1 else torch.zeros_like(fed, dtype=bool)
+        place = order + torch.where(completion_only, prompts, 0)[:, None]
+        expected = routes.gather(1, place.clamp(0, routes.shape[1] - 1))
+        seen = (tokens > 0) & (place < fed[:, None])
+        counts = torch.stack([((choice == expected) & seen).sum(), seen.sum()])
+        self.stats["agreement"] = counts if "agreement" not in self.stats else self.stats["agreement"] + counts
 
     @torch.no_grad()
     def record(self, probs: torch.Tensor, top1: torch.Tensor, tokens: torch.Tensor, phase: str,
@@ -147,6 +175,56 @@ def watch_positions(model: nn.Module) -> None:
     for router in routers(model):
         router.positions = table
     model.register_forward_pre_hook(note, with_kwargs=True)
+
+
+def token_routers(model: nn.Module) -> list[Router]:
+    return [r for r in routers(model) if not r.per_sequence]
+
+
+@contextlib.contextmanager
+def keep_routes(model: nn.Module):
+    """Generation inside keeps each token router's top-1 option at every position it forwards. Yields
+    routes(row, length) → [routers, length] uint8 on the CPU: the options of the row's first `length` tokens
+    (its prompt's, then what was fed of its completion), None when no router ran. A forward of fewer rows (a
+    prompt's shared prefill) stands for each of its rows' sequences."""
+    layers = token_routers(model)
+    for router in layers:
+        router.kept = []
+    kept, table = [router.kept for router in layers], {}
+
+    def routes(row: int, length: int) -> torch.Tensor | None:
+        if "top1" not in table:
+            forwards = list(zip(*kept, strict=False))  # per forward, each router's (options, tokens)
+            rows = forwards[-1][0][0].shape[0] if forwards else 0
+            if not rows or len(set(map(len, kept))) > 1 or any(rows % len(f[0][0]) for f in forwards):
+                table["top1"] = None
+            else:
+                table["top1"] = torch.cat([torch.stack([c for c, _ in f]).repeat_interleave(rows // len(f[0][0]), 1)
+                                           for f in forwards], 2).cpu()  # [routers, rows, positions]
+                table["tokens"] = torch.cat([f[0][1].repeat_interleave(rows // len(f[0][1]), 0)
+                                             for f in forwards], 1).cpu() > 0
+        if table["top1"] is None:
+            return None
+        return table["top1"][:, row, table["tokens"][row]][:, :length].clone()
+
+    try:
+        yield routes
+    finally:
+        for router in layers:
+            router.kept = None
+
+
+def sampled_routes(completions: list, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """([routers, sequences, fed tokens] with -1 past each one's end, [sequences] prompt lengths): the
+    completions' rollout routes, or None where one has none."""
+    kept = [getattr(c, "routes", None) for c in completions]
+    if not kept or any(r is None for r in kept) or len({r.shape[0] for r in kept}) > 1:
+        return None
+    routes = torch.full((kept[0].shape[0], len(kept), max(r.shape[1] for r in kept)), -1, dtype=torch.long)
+    for i, r in enumerate(kept):
+        routes[:, i, :r.shape[1]] = r
+    prompts = torch.tensor([len(c.prompt_ids) for c in completions])
+    return routes.to(device), prompts.to(device)
 
 
 def keep_fp32(params) -> None:
@@ -197,6 +275,11 @@ def routing_metrics(model: nn.Module, labels: list[str]) -> dict[str, float]:
             out[f"{prefix}_top1/{where}"] = top1[:, k].mean().item()
         if key == "update":
             out["route_balance"] = (n * (mean_gate * top1).sum(1)).mean().item()
+    counts = [r.stats["agreement"] for r in layers if "agreement" in r.stats]
+    if counts:  # token routing: the update's tokens whose top-1 option is the one they had when sampled
+        agree, seen = torch.stack(counts).sum(0).tolist()
+        if seen:
+            out["route_agreement"] = agree / seen
     for router in layers:
         router.stats.clear()
     return out
@@ -287,16 +370,21 @@ class RoutedPolicy:
             set_step(self.model, 0)
 
     @contextlib.contextmanager
-    def sources(self, sources: list[str | None]):
-        """The routers keep their statistics per source task too (routing_metrics)."""
-        layers = routers(self.model)
+    def sequences(self, completions: list):
+        """The routers keep their statistics per source task too, and token routers compare each token's top-1
+        option with the one it had when sampled (routing_metrics)."""
+        layers, sources = routers(self.model), [c.source for c in completions]
+        tokens = token_routers(self.model)
+        kept = sampled_routes(completions, tokens[0].weight.device) if tokens else None
         for router in layers:
             router.row_sources = sources
+        for k, router in enumerate(tokens if kept is not None and kept[0].shape[0] == len(tokens) else []):
+            router.row_routes = kept[0][k], kept[1]
         try:
             yield
         finally:
             for router in layers:
-                router.row_sources = None
+                router.row_sources, router.row_routes = None, None
 
     def regulariser(self) -> None:
         return None  # the balance term joins through the gates (see above)

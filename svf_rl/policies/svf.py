@@ -69,8 +69,8 @@ class SVFPolicy:
         needs each backward to reach z itself."""
         return policy_step(self.model, tokens, gather_per_step)
 
-    def sources(self, sources: list[str | None]):
-        return contextlib.nullcontext()  # nothing kept per source
+    def sequences(self, completions: list):
+        return contextlib.nullcontext()  # nothing kept per sequence
 
     def regulariser(self) -> None:
         return None
