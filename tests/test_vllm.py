@@ -22,7 +22,7 @@ from svf_rl.loop.train import pad_logprobs, train
 from svf_rl.policies.svf_layer import apply_svf, svf_layers
 from svf_rl.svd import weight_fingerprints
 from tests.same_z import EQUALITY, assert_same_z
-from tests.test_distributed import launch, step_metrics, z_at
+from tests.test_distributed import adapter_at, launch, step_metrics, z_at
 from tests.test_train import tiny_config
 
 pytestmark = [pytest.mark.slow,
@@ -118,46 +118,31 @@ def server_config(model_path, run_dir, url, **overrides):
     # Two URLs for the one server: the prompts are spread over both and z is pushed to each.
     return tiny_config(model_path, run_dir, **{
         **dict(engine="vllm_server", steps=2, prompts_per_step=2, generations_per_prompt=2, max_new_tokens=6,
-               eval_every=2, save_every=2, seeded_rollouts=True, lr=0.02, baseline="mean",
+               eval_every=2, save_every=2, seeded_rollouts=True, lr=0.02, baseline="mean", base_eval_max_new_tokens=0,
                vllm_server_urls=[url, url.replace("127.0.0.1", "localhost")]),
         **overrides})
 
 
-def test_training_through_a_vllm_server_with_the_importance_ratio(smollm2_path, vllm_server, tmp_path):
-    config = server_config(smollm2_path, tmp_path, vllm_server, engine_ratio_cap=2.0)
-    train(config)
-    steps = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if "reward" in s] == [1, 2]
-    assert all(math.isfinite(s["loss"]) and s["sync_s"] > 0 for s in steps if "reward" in s)
-    assert all(s["sampler_logp_gap"] < 1e-3 for s in steps if "reward" in s)  # the server served the current z
-    assert (Path(config.output_dir) / "expert.safetensors").exists()
-
-
-def test_one_and_two_trainer_processes_train_through_a_vllm_server(smollm2_path, vllm_server, tmp_path):
+def test_one_two_and_resumed_trainer_processes_train_through_a_vllm_server(smollm2_path, vllm_server, tmp_path):
     # No importance ratio here: it would make the gradient depend on the server's log-probs, whose last
     # digits vary with how the server happens to batch the two ranks' requests.
     single = server_config(smollm2_path, tmp_path / "single", vllm_server, **COMPARED)
     train(single)
     assert (Path(single.output_dir) / "expert.safetensors").exists()
+    single_z, reference = z_at(Path(single.output_dir), 2), step_metrics(Path(single.output_dir))
     # Two ranks: the main one pushes z, and neither samples until the server holds it; so with per-prompt
     # seeds both ranks draw what the single process drew, and end with its z.
     double = server_config(smollm2_path, tmp_path / "double", vllm_server, **COMPARED)
     launch("ddp", double, 29541)
     steps = [json.loads(line) for line in (Path(double.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [s["param_rank_spread"] for s in steps if "reward" in s] == [0.0, 0.0]
-    single_z, double_z = z_at(Path(single.output_dir), 2), z_at(Path(double.output_dir), 2)
-    assert_same_z(double_z, single_z, step_metrics(Path(single.output_dir)), single)
-
-
-def test_a_resumed_run_through_a_vllm_server_continues_as_an_uninterrupted_one(smollm2_path, vllm_server, tmp_path):
-    whole = server_config(smollm2_path, tmp_path / "whole", vllm_server, **COMPARED)
-    train(whole)
+    assert_same_z(z_at(Path(double.output_dir), 2), single_z, reference, single)
+    # Resumed after its first step, it goes on as the uninterrupted single process did
     train(server_config(smollm2_path, tmp_path / "resumed", vllm_server, steps=1, **COMPARED))
     resumed = server_config(smollm2_path, tmp_path / "resumed", vllm_server, **COMPARED)
     train(resumed)  # the server must be sent the restored z before the first resumed rollout
     assert_engine_served_the_trainers_z(Path(resumed.output_dir), moved=1e-3)
-    assert_same_z(z_at(Path(resumed.output_dir), 2), z_at(Path(whole.output_dir), 2),
-                  step_metrics(Path(whole.output_dir)), whole)
+    assert_same_z(z_at(Path(resumed.output_dir), 2), single_z, reference, single)
 
 
 def test_a_missing_server_is_a_one_line_error(smollm2_path):
@@ -187,17 +172,14 @@ def assert_engine_served_the_trainers_z(run: Path, moved: float = 1e-2) -> None:
     assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
 
 
-@pytest.mark.parametrize("engine", ["vllm", "vllm_server"])
-def test_lora_trains_through_vllm_whose_log_probs_stay_the_trainers(engine, smollm2_path, tmp_path, request):
-    # The push is the adapted layers' W + ΔW by name (colocated) or the adapter's parameters alone (server).
-    lora = dict(policy="lora", lr=0.01, **{"policy_args.rank": 8})
-    if engine == "vllm_server":
-        config = server_config(smollm2_path, tmp_path, request.getfixturevalue("vllm_server"), **lora)
-        train(config)
-    else:  # in its own process, as the other colocated runs: vLLM keeps a process group per process
-        config = colocated_config(smollm2_path, tmp_path, **lora)
-        run_cli(config)
+def test_lora_trains_through_a_vllm_server_whose_log_probs_stay_the_trainers(smollm2_path, vllm_server, tmp_path):
+    # The push is the adapter's parameters alone, with the importance ratio towards the server's log-probs
+    # (colocated LoRA: the resumed run below).
+    config = server_config(smollm2_path, tmp_path, vllm_server, engine_ratio_cap=2.0, policy="lora", lr=0.01,
+                           **{"policy_args.rank": 8})
+    train(config)
     steps = step_metrics(Path(config.output_dir))
+    assert all(math.isfinite(s["loss"]) and s["sync_s"] > 0 for s in steps)
     assert steps[-1]["param_shift"] > 0.05
     gaps = [s["sampler_logp_gap"] for s in steps]
     assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
@@ -222,16 +204,26 @@ def run_cli(config) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_a_resumed_colocated_vllm_run_continues_as_an_uninterrupted_one(smollm2_path, tmp_path):
-    whole = colocated_config(smollm2_path, tmp_path / "whole", **COMPARED)
+def test_a_resumed_colocated_vllm_run_of_lora_continues_as_an_uninterrupted_one(smollm2_path, tmp_path):
+    # The push is the adapted layers' W + ΔW by name; a resumed run's engine must start from the restored adapter,
+    # not from the base weights. Each run in its own process: vLLM keeps a process group per process.
+    lora = dict(policy="lora", lr=0.01, lr_schedule="constant", warmup_steps=0, **{"policy_args.rank": 8})
+    whole = colocated_config(smollm2_path, tmp_path / "whole", **lora)
     run_cli(whole)
-    run_cli(colocated_config(smollm2_path, tmp_path / "resumed", steps=2, **COMPARED))
-    resumed = colocated_config(smollm2_path, tmp_path / "resumed", **COMPARED)
-    run_cli(resumed)  # the engine must start from the restored z, not from z = 1
-    assert_engine_served_the_trainers_z(Path(resumed.output_dir))
-    assert [s["step"] for s in step_metrics(Path(resumed.output_dir))] == [1, 2, 3]
-    assert_same_z(z_at(Path(resumed.output_dir), 3), z_at(Path(whole.output_dir), 3),
-                  step_metrics(Path(whole.output_dir)), whole)
+    run_cli(colocated_config(smollm2_path, tmp_path / "resumed", steps=2, **lora))
+    resumed = colocated_config(smollm2_path, tmp_path / "resumed", **lora)
+    run_cli(resumed)
+    steps = step_metrics(Path(resumed.output_dir))
+    assert [s["step"] for s in steps] == [1, 2, 3] and steps[-1]["param_shift"] > 0.05
+    gaps = [s["sampler_logp_gap"] for s in steps]
+    assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
+    assert (Path(resumed.output_dir) / "adapter" / "adapter_model.safetensors").is_file()
+    # The same process layout, seeded rollouts and a constant lr (a schedule would follow each run's own length):
+    # the same arithmetic, so the same adapter
+    want, got = adapter_at(Path(whole.output_dir), 3), adapter_at(Path(resumed.output_dir), 3)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), key
 
 
 VLLM_LOAD = """
@@ -378,17 +370,17 @@ def test_a_sequence_routed_mixture_trains_through_a_vllm_server_whose_log_probs_
     assert max(gaps) < 1e-3, f"vLLM sampled from other weights than the trainer's: gaps {gaps}"
     assert all(0 < s["route_rollout_entropy"] < math.log(3) for s in steps[1:])  # the router moved off uniform
     assert all(s["route_agreement"] == 1.0 for s in steps)  # each update sequence routed as it was sampled
-    # `svf-rl eval --engine vllm` of the file generates each prompt at its own route, as the HF engine does (in a
-    # process of its own: vLLM keeps a process group per process)
-    artefact, scored = str(Path(config.output_dir) / "mixture.safetensors"), {}
+    # `svf-rl eval --engine vllm` of the file generates each prompt at its own route, as the HF engine does (vLLM
+    # in a process of its own: it keeps a process group per process)
+    from svf_rl.inference.evaluate import evaluate
+
+    artefact, out = str(Path(config.output_dir) / "mixture.safetensors"), tmp_path / "eval_vllm.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    for engine in ("hf", "vllm"):
-        out = tmp_path / f"eval_{engine}.json"
-        result = subprocess.run([sys.executable, "-m", "svf_rl", "eval", artefact, "--engine", engine, "--size", "6",
-                                 "--max-new-tokens", "8", "--output", str(out)], env=env, capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        scored[engine] = json.loads(out.read_text())
+    result = subprocess.run([sys.executable, "-m", "svf_rl", "eval", artefact, "--engine", "vllm", "--size", "6",
+                             "--max-new-tokens", "8", "--output", str(out)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = {"vllm": json.loads(out.read_text()), "hf": evaluate(None, None, [artefact], size=6, max_new_tokens=8)}
     assert [g["completion"] for g in scored["vllm"]["greedy"]] == [g["completion"] for g in scored["hf"]["greedy"]]
     assert scored["vllm"]["accuracy"] == scored["hf"]["accuracy"]
 
