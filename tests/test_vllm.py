@@ -57,6 +57,13 @@ def vllm_server(smollm2_path, tmp_path_factory):
         os.killpg(server.pid, signal.SIGKILL)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def server_boots_early(request):
+    """The server starts with the module when a test of it will need one: it boots while the first tests run."""
+    if any("vllm_server" in item.fixturenames for item in request.session.items if item.module is request.module):
+        request.getfixturevalue("vllm_server")
+
+
 def make_engine(kind, model, tokenizer, model_path, request, fingerprints, policy):
     if kind == "colocated":
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
